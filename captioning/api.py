@@ -1,0 +1,170 @@
+"""The public API: ``Captioner.from_pretrained(path).caption(images)``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .bundle import DEFAULT_MODEL, load_bundle
+from .decoders import Decoder
+from .decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, sample_decode
+from .encoders import Encoder, build_encoder, imagenet_classes
+from .images import ImageInput, Preprocessing, load_image, preprocess
+from .vocab import Vocab, detokenize
+
+
+@dataclass
+class Caption:
+    """One hypothesis in words. attention: (len(words) [+1 for <end>], 7, 7) or None."""
+
+    text: str
+    words: list[str]
+    tokens: list[int]
+    logprob: float
+    score: float
+    finished: bool
+    attention: Optional[np.ndarray] = None
+
+
+@dataclass
+class CaptionResult:
+    """All hypotheses for one image, best first; ``text``/``words``/... are the best one's."""
+
+    captions: list[Caption]
+    lattice: Optional[list[dict]] = None
+
+    @property
+    def best(self) -> Caption:
+        return self.captions[0]
+
+    @property
+    def text(self) -> str:
+        return self.best.text
+
+    @property
+    def words(self) -> list[str]:
+        return self.best.words
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.best.tokens
+
+    @property
+    def logprob(self) -> float:
+        return self.best.logprob
+
+    @property
+    def attention(self) -> Optional[np.ndarray]:
+        return self.best.attention
+
+
+class Captioner:
+    """A frozen encoder plus one decoder (or an ensemble of decoders sharing a vocabulary)."""
+
+    def __init__(self, encoder: Encoder, decoder: Union[Decoder, Ensemble], vocab: Vocab,
+                 prep: Preprocessing = Preprocessing(), config: Optional[dict] = None):
+        self.encoder = encoder.eval()
+        self.decoder = decoder.eval()
+        self.vocab = vocab
+        self.prep = prep
+        self.config = config or {}
+        self.ids = SpecialIds(vocab.pad, vocab.start, vocab.end, vocab.unk)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path, Sequence[Union[str, Path]], None] = None,
+                        encoder: Optional[Encoder] = None) -> "Captioner":
+        """Load a bundle folder (default: the shipped default model). A list of folders makes
+        an ensemble; its members must share encoder, preprocessing and vocabulary."""
+        paths = [DEFAULT_MODEL] if path is None else ([path] if isinstance(path, (str, Path)) else list(path))
+        loaded = [load_bundle(p) for p in paths]
+        dec0, vocab, cfg = loaded[0]
+        for p, (_, v, c) in zip(paths[1:], loaded[1:]):
+            if v.itos != vocab.itos:
+                raise ValueError(f"{p}: vocabulary differs from {paths[0]}; an ensemble needs one vocabulary")
+            if c["encoder"] != cfg["encoder"] or c["preprocessing"] != cfg["preprocessing"]:
+                raise ValueError(f"{p}: encoder or preprocessing differs from {paths[0]}")
+        enc = encoder or build_encoder(cfg["encoder"]["name"])
+        decoder = dec0 if len(loaded) == 1 else Ensemble([d for d, _, _ in loaded])
+        return cls(enc, decoder, vocab, Preprocessing.from_dict(cfg["preprocessing"]), cfg)
+
+    def load(self, image: ImageInput):
+        return load_image(image)
+
+    def pixels(self, images: Iterable[ImageInput]) -> torch.Tensor:
+        """Images -> normalised batch (B, 3, S, S)."""
+        return torch.stack([preprocess(load_image(im), self.prep) for im in images])
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) -> grid (B, P, C), pooled (B, C)."""
+        return self.encoder(pixels)
+
+    @torch.no_grad()
+    def classify(self, image: ImageInput, k: int = 5) -> list[tuple[str, float]]:
+        """The encoder's own ImageNet top-k (label, probability) for an image."""
+        p = torch.softmax(self.encoder.classify(self.pixels([image])), -1)[0]
+        names = imagenet_classes()
+        top = p.topk(k)
+        return [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
+
+    @torch.no_grad()
+    def caption(self, images: Union[ImageInput, Sequence[ImageInput]], beam_size: int = 3, nbest: int = 1,
+                max_len: int = 20, min_len: int = 1, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
+                method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
+                return_lattice: bool = False, batch_size: int = 64, seed: Optional[int] = None
+                ) -> list[CaptionResult]:
+        """Caption images (paths, bytes or PIL images; one or a list).
+
+        Args:
+            method: "beam" (default), "greedy" or "sample" (temperature, top_k, seed).
+            beam_size, nbest, length_penalty, no_repeat_ngram, min_len, max_len: beam search settings.
+            allow_unk: let the model say <unk> (off: it is masked out).
+            return_lattice: keep what beam search considered at each step.
+        Returns:
+            One CaptionResult per image, in order. Raises ImageError for an unreadable image.
+        """
+        if isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and not isinstance(images, (list, tuple)):
+            images = [images]
+        if nbest > beam_size and method == "beam":
+            raise ValueError(f"nbest ({nbest}) cannot exceed beam_size ({beam_size})")
+        out: list[CaptionResult] = []
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for i in range(0, len(images), batch_size):
+            grid, pooled = self.encode(self.pixels(images[i:i + batch_size]))
+            out += self.caption_features(grid, pooled, beam_size=beam_size, nbest=nbest, max_len=max_len,
+                                         min_len=min_len, length_penalty=length_penalty,
+                                         no_repeat_ngram=no_repeat_ngram, method=method, temperature=temperature,
+                                         top_k=top_k, allow_unk=allow_unk, return_lattice=return_lattice,
+                                         generator=gen)
+        return out
+
+    @torch.no_grad()
+    def caption_features(self, grid: torch.Tensor, pooled: torch.Tensor, beam_size: int = 3, nbest: int = 1,
+                         max_len: int = 20, min_len: int = 1, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
+                         method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
+                         return_lattice: bool = False, generator: Optional[torch.Generator] = None
+                         ) -> list[CaptionResult]:
+        """Like ``caption`` but from encoder output: grid (B, P, C), pooled (B, C)."""
+        common = dict(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk, ids=self.ids)
+        if method == "beam":
+            lat = Lattice() if return_lattice else None
+            hyps = beam_search(self.decoder, grid, pooled, beam_size=beam_size, nbest=nbest,
+                               length_penalty=length_penalty, lattice=lat, **common)
+            return [CaptionResult([self._words(h) for h in hs], lat.steps[b] if lat else None)
+                    for b, hs in enumerate(hyps)]
+        if method in ("greedy", "sample"):
+            hyps = sample_decode(self.decoder, grid, pooled, greedy=method == "greedy", temperature=temperature,
+                                 top_k=top_k, generator=generator, **common)
+            return [CaptionResult([self._words(h)]) for h in hyps]
+        raise ValueError(f"unknown method {method!r}; valid: beam, greedy, sample")
+
+    def _words(self, h: Hypothesis) -> Caption:
+        words = [self.vocab.itos[i] for i in h.tokens]
+        att = h.attention
+        if att is not None:
+            side = int(round(att.shape[-1] ** 0.5))
+            att = att.reshape(att.shape[0], side, side) if side * side == att.shape[-1] else att
+        return Caption(detokenize(words), words, list(h.tokens), h.logprob, h.score, h.finished, att)

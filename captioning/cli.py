@@ -1,0 +1,144 @@
+"""Command line: ``python -m captioning {caption,extract-features,train,evaluate}``.
+
+Errors reach the user as one line on stderr and a non-zero exit, never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .bundle import DEFAULT_MODEL, BundleError
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def cmd_caption(a: argparse.Namespace) -> int:
+    from .api import Captioner
+    from .images import ImageError
+
+    cap = Captioner.from_pretrained(a.model)
+    results, failed = [], 0
+    for path in a.images:
+        try:
+            r = cap.caption(path, beam_size=a.beam, nbest=a.nbest, length_penalty=a.length_penalty,
+                            method="greedy" if a.beam == 1 else "beam")[0]
+        except ImageError as e:
+            _err(str(e))
+            failed += 1
+            results.append({"image": path, "error": str(e)})
+            continue
+        results.append({"image": path, "captions": [
+            {"text": c.text, "logprob": round(c.logprob, 4), "score": round(c.score, 4), "finished": c.finished}
+            for c in r.captions]})
+        if not a.json:
+            if a.nbest == 1:
+                print(f"{path}\t{r.text}")
+            else:
+                print(path)
+                for c in r.captions:
+                    print(f"  {c.logprob:8.3f}  {c.text}")
+    if a.json:
+        print(json.dumps({"model": str(a.model or DEFAULT_MODEL), "results": results}, indent=2))
+    return 1 if failed else 0
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .features import extract_features
+
+    folder = extract_features(load_dataset(a.data), a.encoder, a.out)
+    print(folder)
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
+    cfg = TrainConfig(**overrides)
+    run = train(a.data, a.out, cfg, features=a.features, resume=a.resume)
+    print(f"run folder: {run}; best bundle: {run / 'best'}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    res = evaluate(a.model, a.data, split=a.split, beam_size=a.beam, limit=a.limit, features=a.features,
+                   length_penalty=a.length_penalty, out=a.out)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res["metrics"].items():
+            print(f"{k:8s} {v:.4f}")
+        for n in res["notes"]:
+            print(f"note: {n}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import DEFAULT_FEATURES, TrainConfig
+
+    ap = argparse.ArgumentParser(prog="captioning", description="Neural image captioning (CNN encoder + LSTM decoder).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("caption", help="caption image files")
+    c.add_argument("images", nargs="+", metavar="IMAGE")
+    c.add_argument("--model", default=None, help=f"model folder (default: {DEFAULT_MODEL})")
+    c.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
+    c.add_argument("--nbest", type=int, default=1, help="how many captions per image")
+    c.add_argument("--length-penalty", type=float, default=0.0)
+    c.add_argument("--json", action="store_true", help="print one JSON document")
+    c.set_defaults(fn=cmd_caption)
+
+    e = sub.add_parser("extract-features", help="cache encoder features for a dataset")
+    e.add_argument("--data", default=None, help="dataset folder/JSON/CSV (default: ../shared/data/flickr8k)")
+    e.add_argument("--encoder", default="efficientnet-lite0")
+    e.add_argument("--out", default=str(DEFAULT_FEATURES))
+    e.set_defaults(fn=cmd_extract)
+
+    t = sub.add_parser("train", help="train a decoder on cached features")
+    t.add_argument("--data", default=None)
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--features", default=str(DEFAULT_FEATURES))
+    t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
+    for f in fields(TrainConfig):
+        if f.type in ("bool", bool):
+            t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_const", const=True, default=None)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=None,
+                           help=f"default {f.default}")
+    t.set_defaults(fn=cmd_train)
+
+    v = sub.add_parser("evaluate", help="score a model on a split (BLEU, METEOR, ROUGE-L, CIDEr)")
+    v.add_argument("--model", default=None)
+    v.add_argument("--data", default=None)
+    v.add_argument("--split", default="test")
+    v.add_argument("--beam", type=int, default=3)
+    v.add_argument("--length-penalty", type=float, default=0.0)
+    v.add_argument("--limit", type=int, default=0)
+    v.add_argument("--features", default=str(DEFAULT_FEATURES))
+    v.add_argument("--out", default=None, help="where metrics.json and captions go (default: the model folder)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=cmd_evaluate)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except (BundleError, FileNotFoundError, KeyError, ValueError, RuntimeError, OSError) as e:
+        msg = str(e).strip("'\"") or type(e).__name__
+        _err(msg.splitlines()[0])
+        return 2

@@ -1,0 +1,293 @@
+"""Decoding written once for every decoder: greedy, sampling and batched beam search.
+
+Everything here talks to a model only through ``start(grid, pooled)`` and
+``step(tokens, state, features)`` (decoders.py), so an Ensemble of decoders that share a
+vocabulary decodes the same way as one decoder.
+
+Dimensions: B images, K beams, V vocabulary, P grid positions, L caption length.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .decoders import Decoder, State
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int = 0
+    start: int = 1
+    end: int = 2
+    unk: int = 3
+
+
+@dataclass
+class Hypothesis:
+    """One decoded caption.
+
+    tokens: word ids without <start>/<end>. logprob: sum of log-probabilities of the words
+    and, when ``finished``, of <end>. score: the length-normalised logprob beams are ranked
+    by. attention: (steps, P) for decoders with attention, one row per step incl. <end>.
+    """
+
+    tokens: list[int]
+    logprob: float
+    score: float
+    finished: bool
+    attention: Optional[np.ndarray] = None
+
+
+@dataclass
+class Lattice:
+    """What beam search considered, per image and step: every candidate (parent beam,
+    token, cumulative logprob), and which became the next beams or a finished caption."""
+
+    steps: list[list[dict[str, Any]]] = field(default_factory=list)  # [image][step] -> dict
+
+
+def tree_map(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    return tuple(tree_map(fn, y) for y in x)
+
+
+class Ensemble(nn.Module):
+    """Decoders that share a vocabulary, stepped together; their log-probabilities are
+    averaged and renormalised (Show and Tell's COCO 2015 entry was an ensemble)."""
+
+    def __init__(self, members: Sequence[Decoder]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one decoder")
+        sizes = {m.config.vocab_size for m in members}
+        if len(sizes) > 1:
+            raise ValueError(f"ensemble members have different vocabulary sizes: {sorted(sizes)}")
+        self.members = nn.ModuleList(members)
+        self.has_attention = any(m.has_attention for m in members)
+
+    def start(self, grid, pooled):
+        outs = [m.start(grid, pooled) for m in self.members]
+        return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
+
+    def step(self, tokens, state, features):
+        logps, states, atts = [], [], []
+        for m, s, f in zip(self.members, state, features):
+            lp, s, a = m.step(tokens, s, f)
+            logps.append(lp)
+            states.append(s)
+            if a is not None:
+                atts.append(a)
+        logp = torch.log_softmax(torch.stack(logps).mean(0), -1)  # (B, V)
+        return logp, tuple(states), (torch.stack(atts).mean(0) if atts else None)
+
+
+def _constrain(logp: torch.Tensor, seqs: torch.Tensor, t: int, ids: SpecialIds, min_len: int,
+               no_repeat_ngram: int, allow_unk: bool) -> torch.Tensor:
+    """Mask tokens that may not come next. logp (N, V), seqs (N, t) of words so far."""
+    logp = logp.clone()
+    logp[:, ids.pad] = -math.inf
+    logp[:, ids.start] = -math.inf
+    if not allow_unk:
+        logp[:, ids.unk] = -math.inf
+    if t < min_len:
+        logp[:, ids.end] = -math.inf
+    n = no_repeat_ngram
+    if n > 0 and t >= n:
+        # Ban w if (last n-1 words, w) already occurred: compare every earlier window with the tail.
+        windows = seqs.unfold(1, n, 1)  # (N, t-n+1, n)
+        tail = seqs[:, t - n + 1:] if n > 1 else seqs[:, :0]  # (N, n-1)
+        match = (windows[:, :, : n - 1] == tail.unsqueeze(1)).all(2)  # (N, t-n+1)
+        rows, cols = match.nonzero(as_tuple=True)
+        logp[rows, windows[rows, cols, n - 1]] = -math.inf
+    return logp
+
+
+def length_norm(length: int | torch.Tensor, alpha: float):
+    """Score = logprob / length**alpha (alpha 0: plain sum; 1: mean per word)."""
+    return length ** alpha if alpha else 1.0
+
+
+@torch.no_grad()
+def sample_decode(model, grid: torch.Tensor, pooled: torch.Tensor, *, greedy: bool = True,
+                  temperature: float = 1.0, top_k: int = 0, max_len: int = 20, min_len: int = 1,
+                  no_repeat_ngram: int = 0, allow_unk: bool = False, ids: SpecialIds = SpecialIds(),
+                  generator: Optional[torch.Generator] = None) -> list[Hypothesis]:
+    """Greedy (``greedy=True``) or sampled decoding, batched over B images.
+
+    Args:
+        grid: (B, P, C) encoder grid. pooled: (B, C).
+        temperature, top_k: sampling only; logits are divided by temperature and, if top_k,
+            all but the k most likely words are dropped.
+    Returns:
+        B hypotheses; logprob is under the model (not the tempered distribution).
+    """
+    B = grid.size(0)
+    state, feats = model.start(grid, pooled)
+    tokens = torch.full((B,), ids.start, dtype=torch.long, device=grid.device)
+    seqs = torch.zeros(B, 0, dtype=torch.long, device=grid.device)
+    total = torch.zeros(B, device=grid.device)
+    done = torch.zeros(B, dtype=torch.bool, device=grid.device)
+    lengths = torch.full((B,), max_len, dtype=torch.long, device=grid.device)
+    atts = []
+    for t in range(max_len):
+        logp, state, att = model.step(tokens, state, feats)
+        logp = _constrain(logp, seqs, t, ids, min_len, no_repeat_ngram, allow_unk)
+        if greedy:
+            nxt = logp.argmax(1)
+        else:
+            z = logp / max(temperature, 1e-6)
+            if top_k:
+                kth = z.topk(min(top_k, z.size(1)), 1).values[:, -1:]
+                z = z.masked_fill(z < kth, -math.inf)
+            nxt = torch.multinomial(torch.softmax(z, 1), 1, generator=generator).squeeze(1)
+        total += torch.where(done, torch.zeros_like(total), logp.gather(1, nxt[:, None]).squeeze(1))
+        if att is not None:
+            atts.append(att)
+        newly = (~done) & (nxt == ids.end)
+        lengths[newly] = t
+        done |= newly
+        seqs = torch.cat([seqs, nxt[:, None]], 1)
+        tokens = nxt
+        if done.all():
+            break
+    att_all = torch.stack(atts, 1).cpu().numpy() if atts else None  # (B, L, P)
+    out = []
+    for b in range(B):
+        L = int(lengths[b])
+        fin = bool(done[b])
+        steps = L + 1 if fin else L
+        out.append(Hypothesis(seqs[b, :L].tolist(), float(total[b]), float(total[b]), fin,
+                              None if att_all is None else att_all[b, :steps]))
+    return out
+
+
+@torch.no_grad()
+def beam_search(model, grid: torch.Tensor, pooled: torch.Tensor, *, beam_size: int = 3, nbest: int = 1,
+                max_len: int = 20, min_len: int = 1, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
+                allow_unk: bool = False, ids: SpecialIds = SpecialIds(), lattice: Optional[Lattice] = None
+                ) -> list[list[Hypothesis]]:
+    """Beam search batched over images and beams with tensor operations.
+
+    At each step the 2K best extensions of the K live beams are taken; those ending in <end>
+    join the image's pool of finished captions (ranked by logprob / length**length_penalty,
+    length counting <end>), the K best others live on. An image stops once no live beam can
+    beat its nbest-th finished caption. If fewer than ``nbest`` captions end within
+    ``max_len`` words, the best live beams fill the list, marked ``finished=False``.
+
+    Args:
+        model: a Decoder or Ensemble. grid: (B, P, C). pooled: (B, C).
+        lattice: if given, filled with every step's candidates (for drawing the search tree).
+    Returns:
+        For each of the B images, its ``nbest`` hypotheses, best first.
+    """
+    B, K, dev = grid.size(0), beam_size, grid.device
+    npool = max(nbest, K)
+    state, feats = model.start(grid, pooled)
+    state = tree_map(lambda x: x.repeat_interleave(K, 0), state)  # (B*K, ...)
+    feats = tree_map(lambda x: x.repeat_interleave(K, 0), feats)
+    tokens = torch.full((B * K,), ids.start, dtype=torch.long, device=dev)
+    seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)  # (B*K, t)
+    beam_att: Optional[torch.Tensor] = None  # (B*K, t, P)
+    beam_scores = torch.full((B, K), -math.inf, device=dev)
+    beam_scores[:, 0] = 0.0  # all K beams start identical: expand only the first
+    pool_score = torch.full((B, npool), -math.inf, device=dev)
+    pool_logp = torch.full((B, npool), -math.inf, device=dev)
+    pool_len = torch.zeros(B, npool, dtype=torch.long, device=dev)
+    pool_seq = torch.zeros(B, npool, max_len, dtype=torch.long, device=dev)
+    pool_att: Optional[torch.Tensor] = None  # (B, npool, max_len, P)
+    if lattice is not None:
+        lattice.steps = [[] for _ in range(B)]
+    rows = torch.arange(B, device=dev).unsqueeze(1)  # (B, 1)
+    for t in range(max_len):
+        logp, state, att = model.step(tokens, state, feats)  # (B*K, V)
+        logp = _constrain(logp, seqs, t, ids, min_len, no_repeat_ngram, allow_unk)
+        V = logp.size(1)
+        if att is not None:
+            step_att = att.unsqueeze(1)  # (B*K, 1, P)
+            beam_att = step_att if beam_att is None else torch.cat([beam_att, step_att], 1)
+            if pool_att is None:
+                pool_att = torch.zeros(B, npool, max_len, att.size(1), device=dev)
+        cand = (beam_scores.view(-1, 1) + logp).view(B, K * V)  # (B, K*V)
+        top_s, top_i = cand.topk(min(2 * K, K * V), 1)  # (B, 2K)
+        parent, tok = top_i // V, top_i % V  # (B, 2K)
+        flat_parent = (rows * K + parent).view(-1)  # (B*2K,)
+        is_end = (tok == ids.end) & torch.isfinite(top_s)
+
+        # Finished candidates join the pool; the pool keeps its npool best by score.
+        steps = t + 1
+        end_score = torch.where(is_end, top_s / length_norm(steps, length_penalty), torch.full_like(top_s, -math.inf))
+        cand_seq = torch.zeros(B, top_s.size(1), max_len, dtype=torch.long, device=dev)
+        if t > 0:
+            cand_seq[:, :, :t] = seqs[flat_parent].view(B, -1, t)
+        all_score = torch.cat([pool_score, end_score], 1)
+        keep = all_score.topk(npool, 1).indices  # (B, npool)
+        pool_score = all_score.gather(1, keep)
+        pool_logp = torch.cat([pool_logp, top_s], 1).gather(1, keep)
+        pool_len = torch.cat([pool_len, torch.full_like(tok, t)], 1).gather(1, keep)
+        pool_seq = torch.cat([pool_seq, cand_seq], 1)[rows, keep]
+        if pool_att is not None:
+            cand_att = torch.zeros(B, top_s.size(1), max_len, pool_att.size(3), device=dev)
+            cand_att[:, :, :steps] = beam_att[flat_parent].view(B, -1, steps, pool_att.size(3))
+            pool_att = torch.cat([pool_att, cand_att], 1)[rows, keep]
+
+        # The K best unfinished candidates live on.
+        live_s = top_s.masked_fill(is_end, -math.inf)
+        beam_scores, sel = live_s.topk(K, 1)  # (B, K)
+        sel_parent = (rows * K + parent.gather(1, sel)).view(-1)  # (B*K,)
+        tokens = tok.gather(1, sel).view(-1)
+        seqs = torch.cat([seqs[sel_parent], tokens[:, None]], 1)
+        state = tree_map(lambda x: x.index_select(0, sel_parent), state)
+        if beam_att is not None:
+            beam_att = beam_att[sel_parent]
+        if lattice is not None:
+            _record(lattice, top_s, parent, tok, is_end, sel, beam_scores)
+
+        # Stop an image once no live beam can still beat its nbest-th finished caption.
+        best_live = beam_scores.max(1).values  # (B,)
+        # logprobs only fall as words are added; the length term is largest at the longest
+        # (alpha > 0) or shortest (alpha < 0) length a live beam can still reach.
+        reach = max_len if length_penalty > 0 else min(steps + 1, max_len)
+        bound = best_live / length_norm(reach, length_penalty)
+        if bool(((pool_score[:, nbest - 1] >= bound) | ~torch.isfinite(best_live)).all()):
+            break
+
+    return [_collect(b, nbest, pool_score, pool_logp, pool_len, pool_seq, pool_att, beam_scores, seqs, beam_att,
+                     K, length_penalty) for b in range(B)]
+
+
+def _collect(b, nbest, pool_score, pool_logp, pool_len, pool_seq, pool_att, beam_scores, seqs, beam_att, K, alpha):
+    hyps = []
+    for j in range(pool_score.size(1)):
+        if not math.isfinite(float(pool_score[b, j])):
+            continue
+        L = int(pool_len[b, j])
+        hyps.append(Hypothesis(pool_seq[b, j, :L].tolist(), float(pool_logp[b, j]), float(pool_score[b, j]), True,
+                               None if pool_att is None else pool_att[b, j, : L + 1].cpu().numpy()))
+    if len(hyps) < nbest:
+        # Fallback: no (or too few) caption reached <end>; the best live beams stand in.
+        L = seqs.size(1)
+        live = []
+        for k in range(K):
+            s = float(beam_scores[b, k])
+            if math.isfinite(s):
+                live.append(Hypothesis(seqs[b * K + k].tolist(), s, s / length_norm(L, alpha), False,
+                                       None if beam_att is None else beam_att[b * K + k].cpu().numpy()))
+        live.sort(key=lambda h: -h.score)
+        hyps += live[: nbest - len(hyps)]
+    return hyps[:nbest]
+
+
+def _record(lattice: Lattice, top_s, parent, tok, is_end, sel, beam_scores) -> None:
+    kept = torch.zeros_like(is_end)
+    kept.scatter_(1, sel, torch.isfinite(beam_scores))
+    for b in range(top_s.size(0)):
+        lattice.steps[b].append({
+            "parent": parent[b].tolist(), "token": tok[b].tolist(), "logprob": top_s[b].tolist(),
+            "finished": is_end[b].tolist(), "kept": kept[b].tolist(),
+        })

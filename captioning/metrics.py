@@ -1,0 +1,97 @@
+"""Caption metrics through pycocoevalcap, the code published results use.
+
+With Java (the PTB tokenizer and METEOR are Java programs): BLEU-1..4, METEOR, ROUGE-L,
+CIDEr on PTB-tokenised text. Without Java: BLEU, ROUGE-L and CIDEr on our own tokenizer,
+METEOR left out, and the result says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from dataclasses import dataclass, field
+
+from .vocab import tokenize
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+@dataclass
+class Scores:
+    metrics: dict[str, float]
+    tokenizer: str
+    notes: list[str] = field(default_factory=list)
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _py_tokenize(d: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {k: [" ".join(t for t in tokenize(s) if t.isalnum() or "'" in t or "-" in t) for s in v] for k, v in d.items()}
+
+
+def score_captions(preds: dict[str, str], refs: dict[str, list[str]], use_java: bool | None = None,
+                   metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider"),
+                   per_image: bool = False) -> Scores:
+    """Score one predicted caption per image against its references.
+
+    Args:
+        preds: image id -> caption. refs: image id -> reference captions (same ids).
+        use_java: force (True) or forbid (False) the Java path; None picks it when java is on PATH.
+        metrics: any of bleu, meteor, rouge, cider.
+        per_image: also return each image's BLEU-4 and CIDEr.
+    Returns:
+        Scores with keys BLEU-1..BLEU-4, METEOR, ROUGE-L, CIDEr (those computed).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids = [k for k in preds if k in refs]
+    if not ids:
+        raise ValueError("no predicted caption has references")
+    java = java_available() if use_java is None else use_java
+    notes: list[str] = []
+    if java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tok = PTBTokenizer()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            gts = tok.tokenize({k: [{"caption": c} for c in refs[k]] for k in ids})
+            res = tok.tokenize({k: [{"caption": preds[k]}] for k in ids})
+        tokenizer = "ptb"
+    else:
+        gts = _py_tokenize({k: refs[k] for k in ids})
+        res = _py_tokenize({k: [preds[k]] for k in ids})
+        tokenizer = "python"
+        if "meteor" in metrics:
+            notes.append("METEOR left out: it needs Java, which is not installed; BLEU/ROUGE-L/CIDEr use a Python tokenizer")
+    # An empty prediction would crash some scorers; score it as a single unknown token.
+    res = {k: [v[0] if v and v[0].strip() else "<empty>"] for k, v in res.items()}
+    out: dict[str, float] = {}
+    per: dict[str, dict[str, float]] = {k: {} for k in ids} if per_image else {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        if "bleu" in metrics:
+            s, ss = Bleu(4).compute_score(gts, res)
+            out.update({f"BLEU-{i + 1}": float(v) for i, v in enumerate(s)})
+            if per_image:
+                for k, v in zip(gts.keys(), ss[3]):
+                    per[k]["BLEU-4"] = float(v)
+        if "meteor" in metrics and java:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            m = Meteor()
+            try:
+                out["METEOR"] = float(m.compute_score(gts, res)[0])
+            finally:
+                with contextlib.suppress(Exception):
+                    m.close()
+        if "rouge" in metrics:
+            out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+        if "cider" in metrics:
+            s, ss = Cider().compute_score(gts, res)
+            out["CIDEr"] = float(s)
+            if per_image:
+                for k, v in zip(gts.keys(), ss):
+                    per[k]["CIDEr"] = float(v)
+    return Scores(out, tokenizer, notes, per)

@@ -1,0 +1,344 @@
+"""Training on cached encoder features, with validation, early stopping and exact resume.
+
+Teacher forcing with optional scheduled sampling (Bengio et al. 2015), dropout, Adam,
+a reduce-on-plateau learning rate, gradient clipping, and for ``show_attend_tell`` the doubly
+stochastic attention penalty (Xu et al. 2015). The best bundle by validation CIDEr (or BLEU-4)
+is kept in ``RUN/best``. Runs as one process or under ``torchrun`` (DistributedDataParallel;
+gloo on CPU, NCCL on GPU); only rank 0 writes files.
+
+Run folder:
+  config.json          the TrainConfig
+  metrics.csv          one row per epoch (the app plots it)
+  checkpoint/          latest state (weights, Adam moments, RNG, position), replaced atomically
+  best/                the best bundle so far
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .bundle import save_bundle
+from .data import CaptionDataset, load_dataset
+from .decoders import Decoder, build_decoder
+from .decoding import SpecialIds, sample_decode
+from .features import FeatureCache, extract_features, find_cache
+from .images import Preprocessing
+from .metrics import score_captions
+from .vocab import Vocab
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_FEATURES = REPO_ROOT / ".cache" / "features"
+CSV_FIELDS = ["epoch", "train_loss", "val_loss", "val_bleu4", "val_cider", "lr", "sample_prob", "seconds"]
+
+
+@dataclass
+class TrainConfig:
+    decoder: str = "show_attend_tell"
+    encoder: str = "efficientnet-lite0"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 4e-4
+    lr_factor: float = 0.5  # multiply the lr by this ...
+    lr_patience: int = 1  # ... after this many epochs without a new best validation score
+    patience: int = 4  # stop after this many epochs without a new best
+    grad_clip: float = 5.0
+    weight_decay: float = 0.0
+    dropout: float = 0.5
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    merge_dim: int = 512
+    bidirectional: bool = False
+    alpha_c: float = 1.0  # doubly stochastic attention weight (show_attend_tell)
+    sample_prob_max: float = 0.0  # scheduled sampling: ramps linearly to this by the last epoch
+    label_smoothing: float = 0.0
+    min_count: int = 5
+    max_tokens: int = 32  # longer training captions are cut (with <end> kept)
+    select_metric: str = "cider"  # or "bleu4"
+    val_limit: int = 0  # 0: all validation images
+    val_split: str = "dev"
+    checkpoint_every: int = 200  # batches between mid-epoch checkpoints
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def decoder_config(cfg: TrainConfig, vocab_size: int, feature_dim: int) -> dict:
+    d = dict(vocab_size=vocab_size, feature_dim=feature_dim, embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
+             dropout=cfg.dropout)
+    if cfg.decoder == "show_attend_tell":
+        d["attention_dim"] = cfg.attention_dim
+    if cfg.decoder == "merge":
+        d.update(merge_dim=cfg.merge_dim, bidirectional=cfg.bidirectional)
+    return d
+
+
+def encode_captions(ds: CaptionDataset, images: list[str], index: dict[str, int], vocab: Vocab,
+                    max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> feature row (N,) and padded token ids (N, max_tokens) for every caption of ``images``."""
+    rows, caps = [], []
+    for name in images:
+        for c in ds.captions[name]:
+            ids = vocab.encode(c)
+            if len(ids) > max_tokens:
+                ids = ids[: max_tokens - 1] + [vocab.end]
+            rows.append(index[name])
+            caps.append(ids + [vocab.pad] * (max_tokens - len(ids)))
+    return np.asarray(rows, dtype=np.int64), np.asarray(caps, dtype=np.int64)
+
+
+def caption_loss(decoder: torch.nn.Module, grid, pooled, caps, alpha_c: float, sample_prob: float,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean NLL of the next word over non-pad positions (+ doubly stochastic attention term)."""
+    T = int((caps != 0).sum(1).max())
+    caps = caps[:, :T]  # (B, T)
+    logp, alphas = decoder(grid, pooled, caps, sample_prob)  # (B, T-1, V), (B, T-1, P) | None
+    target = caps[:, 1:]  # (B, T-1)
+    mask = target != 0
+    nll = F.nll_loss(logp.reshape(-1, logp.size(-1)), target.reshape(-1), reduction="none").view_as(target)
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    loss = (nll * mask).sum() / mask.sum()
+    if alphas is not None and alpha_c:
+        # Xu et al. eq. 14: encourage every grid position to get ~1 unit of attention over the caption.
+        att_sum = (alphas * mask.unsqueeze(2)).sum(1)  # (B, P)
+        loss = loss + alpha_c * ((1.0 - att_sum) ** 2).mean()
+    return loss
+
+
+@torch.no_grad()
+def validate(decoder: Decoder, cache: FeatureCache, ds: CaptionDataset, images: list[str], vocab: Vocab,
+             cfg: TrainConfig) -> dict[str, float]:
+    """Teacher-forced loss on the validation captions and greedy BLEU-4 / CIDEr."""
+    decoder.eval()
+    index = cache.index()
+    rows, caps = encode_captions(ds, images, index, vocab, cfg.max_tokens)
+    losses, n = 0.0, 0
+    for i in range(0, len(rows), 256):
+        r = rows[i:i + 256]
+        g, p = _feats(cache, r)
+        c = torch.from_numpy(caps[i:i + 256])
+        losses += float(caption_loss(decoder, g, p, c, 0.0, 0.0)) * len(r)
+        n += len(r)
+    preds = {}
+    ids = SpecialIds(vocab.pad, vocab.start, vocab.end, vocab.unk)
+    for i in range(0, len(images), 250):
+        names = images[i:i + 250]
+        g, p = _feats(cache, np.asarray([index[k] for k in names]))
+        for k, h in zip(names, sample_decode(decoder, g, p, greedy=True, ids=ids)):
+            preds[k] = vocab.decode(h.tokens)
+    s = score_captions(preds, {k: ds.captions[k] for k in images}, use_java=False, metrics=("bleu", "cider"))
+    decoder.train()
+    return {"val_loss": losses / n, "val_bleu4": s.metrics["BLEU-4"], "val_cider": s.metrics["CIDEr"]}
+
+
+def _feats(cache: FeatureCache, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    order = np.argsort(rows)  # memmap reads are faster in file order
+    g = np.empty((len(rows),) + cache.grid.shape[1:], dtype=np.float16)
+    p = np.empty((len(rows), cache.pooled.shape[1]), dtype=np.float16)
+    g[order] = cache.grid[rows[order]]
+    p[order] = cache.pooled[rows[order]]
+    return torch.from_numpy(g).float(), torch.from_numpy(p).float()
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+def save_checkpoint(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Write the whole training state to ``folder`` atomically (temp folder, then rename)."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                tensors[f"opt.{i}.{k}"] = st[k].contiguous()
+        if "step" in st:
+            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1)
+    tensors["rng.torch"] = torch.get_rng_state()
+    state = dict(state, lrs=[g["lr"] for g in opt.param_groups])
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=folder.parent))
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state))
+    old = folder.with_name(".checkpoint.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    tensors = load_file(str(folder / "state.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        if f"opt.{i}.exp_avg" in tensors:
+            opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"], "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"],
+                            "step": tensors[f"opt.{i}.step"].reshape(())}
+    for g, lr in zip(opt.param_groups, state["lrs"]):
+        g["lr"] = lr
+    torch.set_rng_state(tensors["rng.torch"])
+    return state
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str | Path = DEFAULT_FEATURES,
+          resume: bool = False, progress: bool = True, max_batches: Optional[int] = None) -> Path:
+    """Train a decoder; returns the run folder. ``max_batches`` stops early (for tests of resume)."""
+    rank, world = _dist_info()
+    out = Path(out)
+    ds = load_dataset(data)
+    prep = Preprocessing()
+    images_all = sorted(ds.captions)
+    cache_dir = find_cache(features, cfg.encoder, prep, images_all)
+    if rank == 0:
+        extract_features(ds, cfg.encoder, features, prep, progress=progress)  # no-op when the cache is complete
+    if world > 1:
+        dist.barrier()
+    cache = FeatureCache.open(cache_dir)
+    index = cache.index()
+    train_imgs = ds.split("train")
+    val_imgs = ds.split(cfg.val_split)
+    if cfg.val_limit:
+        val_imgs = val_imgs[: cfg.val_limit]
+
+    ckpt = out / "checkpoint"
+    if resume and (ckpt / "state.json").is_file():
+        vocab = Vocab.load(out / "vocab.json")
+        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    else:
+        if resume:
+            print(f"note: {ckpt} has no checkpoint; starting a new run")
+        resume = False
+        vocab = Vocab.build([c for k in train_imgs for c in ds.captions[k]], cfg.min_count)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            vocab.save(out / "vocab.json")
+            with (out / "metrics.csv").open("w", newline="") as f:
+                csv.writer(f).writerow(CSV_FIELDS)
+
+    torch.manual_seed(cfg.seed)
+    decoder = build_decoder(cfg.decoder, decoder_config(cfg, len(vocab), cache.meta["channels"]))
+    opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "batch": 0, "best": -math.inf, "bad_epochs": 0, "lr_bad": 0, "train_loss_sum": 0.0,
+             "train_loss_n": 0, "elapsed": 0.0, "done": False}
+    if resume:
+        state = load_checkpoint(ckpt, decoder, opt)
+        print(f"resumed {out} at epoch {state['epoch'] + 1}, batch {state['batch']}")
+    model: torch.nn.Module = decoder
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(decoder)
+    rows, caps = encode_captions(ds, train_imgs, index, vocab, cfg.max_tokens)
+    per_rank = len(rows) // world
+    n_batches = math.ceil(per_rank / cfg.batch_size)
+    batches_run = 0
+
+    while state["epoch"] < cfg.epochs and not state["done"]:
+        epoch = state["epoch"]
+        # The order depends only on (seed, epoch): a resumed run sees the same batches.
+        perm = np.random.default_rng(cfg.seed + epoch).permutation(len(rows))[: per_rank * world]
+        perm = perm[rank::world]
+        sample_prob = cfg.sample_prob_max * epoch / max(1, cfg.epochs - 1)
+        decoder.train()
+        t0 = time.time()
+        bar = tqdm(total=n_batches, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress or rank != 0, unit="batch", mininterval=15)
+        for b in range(state["batch"], n_batches):
+            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            g, p = _feats(cache, rows[idx])
+            loss = caption_loss(model, g, p, torch.from_numpy(caps[idx]), cfg.alpha_c if decoder.has_attention else 0.0,
+                                sample_prob, cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+            opt.step()
+            state["train_loss_sum"] += loss.item()
+            state["train_loss_n"] += 1
+            state["batch"] = b + 1
+            bar.set_postfix(loss=f"{state['train_loss_sum'] / state['train_loss_n']:.3f}")
+            bar.update(1)
+            batches_run += 1
+            stop_now = max_batches is not None and batches_run >= max_batches
+            if rank == 0 and (stop_now or (cfg.checkpoint_every and state["batch"] % cfg.checkpoint_every == 0)):
+                save_checkpoint(ckpt, decoder, opt, dict(state, elapsed=state["elapsed"] + time.time() - t0))
+            if stop_now:
+                bar.close()
+                return out
+        bar.close()
+        state["elapsed"] += time.time() - t0
+        secs = time.time() - t0
+        if rank == 0:
+            v = validate(decoder, cache, ds, val_imgs, vocab, cfg)
+            score = v["val_cider"] if cfg.select_metric == "cider" else v["val_bleu4"]
+            row = {"epoch": epoch + 1, "train_loss": state["train_loss_sum"] / max(1, state["train_loss_n"]), **v,
+                   "lr": opt.param_groups[0]["lr"], "sample_prob": sample_prob, "seconds": round(secs, 1)}
+            _append_csv(out / "metrics.csv", row, epoch + 1)
+            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+            if score > state["best"]:
+                state.update(best=score, bad_epochs=0, lr_bad=0)
+                save_bundle(out / "best", decoder, vocab, cfg.encoder, prep, extra={
+                    "training": {"epoch": epoch + 1, f"val_{cfg.select_metric}": score, "config": asdict(cfg)}})
+            else:
+                state["bad_epochs"] += 1
+                state["lr_bad"] += 1
+                if state["lr_bad"] >= cfg.lr_patience:
+                    for g in opt.param_groups:
+                        g["lr"] *= cfg.lr_factor
+                    state["lr_bad"] = 0
+                if state["bad_epochs"] >= cfg.patience:
+                    print(f"early stop: no better val {cfg.select_metric} for {cfg.patience} epochs")
+                    state["done"] = True
+        if world > 1:
+            # Rank 0 decides the lr and whether to stop; everyone follows.
+            sync = torch.tensor([opt.param_groups[0]["lr"], float(state["done"])], dtype=torch.float64)
+            dist.broadcast(sync, 0)
+            for g in opt.param_groups:
+                g["lr"] = float(sync[0])
+            state["done"] = bool(sync[1])
+        state.update(epoch=epoch + 1, batch=0, train_loss_sum=0.0, train_loss_n=0)
+        if rank == 0:
+            save_checkpoint(ckpt, decoder, opt, state)
+    return out
+
+
+def _append_csv(path: Path, row: dict, epoch: int) -> None:
+    """Append one epoch's row; rows from a killed run's later epochs are dropped first."""
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows + [row])
+    os.replace(tmp, path)
