@@ -82,6 +82,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agreement(a: argparse.Namespace) -> int:
+    from .evaluate import human_agreement
+
+    res = human_agreement(a.data)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"Kendall tau-b vs mean expert score, {res['pairs']} judged captions ({res['tokenizer']} tokenizer)")
+        for k, v in sorted(res["kendall_tau"].items(), key=lambda kv: -kv[1]["tau"]):
+            print(f"{k:8s} {v['tau']:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import DEFAULT_FEATURES, TrainConfig
 
@@ -128,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default=None, help="where metrics.json and captions go (default: the model folder)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_evaluate)
+
+    h = sub.add_parser("human-agreement", help="Kendall's tau of each metric vs Flickr8k expert judgements")
+    h.add_argument("--data", default=None)
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=cmd_agreement)
     return ap
 
 

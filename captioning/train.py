@@ -284,7 +284,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
             state["train_loss_sum"] += loss.item()
             state["train_loss_n"] += 1
             state["batch"] = b + 1
-            bar.set_postfix(loss=f"{state['train_loss_sum'] / state['train_loss_n']:.3f}")
+            bar.set_postfix(loss=f"{state['train_loss_sum'] / state['train_loss_n']:.3f}", refresh=False)
             bar.update(1)
             batches_run += 1
             stop_now = max_batches is not None and batches_run >= max_batches
