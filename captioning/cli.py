@@ -22,11 +22,22 @@ def cmd_caption(a: argparse.Namespace) -> int:
     from .api import Captioner
     from .images import ImageError
 
+    from .samples import load_sample, sample_names
+
+    inputs: list = list(a.images)
+    names = sample_names() if a.samples else (a.sample or [])
+    for n in names:
+        inputs.append(("sample:" + n, n))
+    if not inputs:
+        _err("give IMAGE files, --sample NAME or --samples")
+        return 2
     cap = Captioner.from_pretrained(a.model)
     results, failed = [], 0
-    for path in a.images:
+    for item in inputs:
+        path = item[0] if isinstance(item, tuple) else item
         try:
-            r = cap.caption(path, beam_size=a.beam, nbest=a.nbest, length_penalty=a.length_penalty,
+            src = load_sample(item[1]) if isinstance(item, tuple) else item
+            r = cap.caption(src, beam_size=a.beam, nbest=a.nbest, length_penalty=a.length_penalty,
                             method="greedy" if a.beam == 1 else "beam")[0]
         except ImageError as e:
             _err(str(e))
@@ -102,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("caption", help="caption image files")
-    c.add_argument("images", nargs="+", metavar="IMAGE")
+    c.add_argument("images", nargs="*", metavar="IMAGE")
+    c.add_argument("--sample", action="append", help="caption a sample photo shipped with installed packages")
+    c.add_argument("--samples", action="store_true", help="caption every sample photo")
     c.add_argument("--model", default=None, help=f"model folder (default: {DEFAULT_MODEL})")
     c.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
     c.add_argument("--nbest", type=int, default=1, help="how many captions per image")

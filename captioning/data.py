@@ -109,7 +109,14 @@ def read_karpathy_json(path: str | Path, image_dir: str | Path | None = None) ->
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a Karpathy-style caption JSON ({e})") from None
     image_dir = Path(image_dir) if image_dir else path.parent / "Images"
-    present = set(os.listdir(image_dir)) if image_dir.is_dir() else set()
+    listings: dict[str, set[str]] = {}  # subfolder ("" for image_dir itself) -> its file names
+
+    def present_in(sub: str) -> set[str]:
+        if sub not in listings:
+            d = image_dir / sub
+            listings[sub] = set(os.listdir(d)) if d.is_dir() else set()
+        return listings[sub]
+
     ds = CaptionDataset(image_dir=image_dir, captions={}, splits={s: [] for s in SPLITS})
     split_map = {"train": "train", "restval": "train", "val": "dev", "dev": "dev", "test": "test"}
     for im in images:
@@ -117,10 +124,12 @@ def read_karpathy_json(path: str | Path, image_dir: str | Path | None = None) ->
         if not name:
             ds.skipped["malformed ids"] += 1
             continue
-        rel = str(Path(im.get("filepath", "")) / name) if im.get("filepath") else name
+        sub = im.get("filepath") or ""
+        rel = str(Path(sub) / name) if sub else name
         for s in im.get("sentences", []):
             raw = s.get("raw") or " ".join(s.get("tokens", []))
-            _add(ds, rel, raw, present, check=str(Path(rel).name) if im.get("filepath") else rel)
+            # COCO-style entries live in IMAGE_DIR/filepath/filename: look for them there.
+            _add(ds, rel, raw, present_in(sub), check=name)
         split = split_map.get(im.get("split", "train"))
         if rel in ds.captions and split:
             ds.splits[split].append(rel)

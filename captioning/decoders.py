@@ -233,6 +233,26 @@ class ShowAttendTell(Decoder):
         h, c = self.cell(torch.cat([self.embed(tokens), context], 1), (h, c))  # (B, H)
         return F.log_softmax(self.fc(self.drop(h)), -1), (h, c), alpha
 
+    def teacher_forced(self, grid, pooled, captions):
+        # Rows sorted by length: at step t only the captions still running are computed
+        # (about half of the padded work). Pad positions get zeros; the loss masks them.
+        B, T = captions.shape
+        lengths = (captions != 0).sum(1)  # (B,) incl. <start>/<end>
+        order = lengths.argsort(descending=True)
+        inv = order.argsort()
+        grid, pooled, captions, lengths = grid[order], pooled[order], captions[order], lengths[order]
+        (h, c), (g, att1) = self.start(grid, pooled)
+        V, P = self.config.vocab_size, grid.size(1)
+        logps, alphas = [], []
+        for t in range(T - 1):
+            n = int((lengths > t + 1).sum())  # captions that still predict a word at step t
+            lp, (hn, cn), a = self.step(captions[:n, t], (h[:n], c[:n]), (g[:n], att1[:n]))
+            h = torch.cat([hn, h[n:]], 0)
+            c = torch.cat([cn, c[n:]], 0)
+            logps.append(torch.cat([lp, lp.new_zeros(B - n, V)], 0))
+            alphas.append(torch.cat([a, a.new_zeros(B - n, P)], 0))
+        return torch.stack(logps, 1)[inv], torch.stack(alphas, 1)[inv]  # (B, T-1, V), (B, T-1, P)
+
 
 DECODERS: dict[str, tuple[type[Decoder], type[DecoderConfig]]] = {
     "show_tell": (ShowTell, ShowTellConfig),
