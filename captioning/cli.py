@@ -106,6 +106,22 @@ def cmd_agreement(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .modelcard import ship, write_card
+
+    dest = ship(a.run, a.name, a.dest) if a.dest else ship(a.run, a.name)
+    res = evaluate(dest, a.data, split="test", beam_size=a.beam, features=a.features,
+                   length_penalty=a.length_penalty)
+    cfg = json.loads((Path(a.run) / "config.json").read_text())
+    cmd = (f"python -m captioning train --decoder {cfg['decoder']} --out runs/{a.name} --epochs {cfg['epochs']} "
+           f"--lr-patience {cfg['lr_patience']} --patience {cfg['patience']}\n"
+           f"python -m captioning ship runs/{a.name} --name {a.name} --beam {a.beam} --length-penalty {a.length_penalty}")
+    write_card(dest, cmd, a.notes or "")
+    print(json.dumps(res["metrics"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import DEFAULT_FEATURES, TrainConfig
 
@@ -154,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default=None, help="where metrics.json and captions go (default: the model folder)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("ship", help="copy RUN/best to assets/models/NAME, evaluate on test, write its model card")
+    s.add_argument("run")
+    s.add_argument("--name", required=True)
+    s.add_argument("--dest", default=None, help="models folder (default: assets/models)")
+    s.add_argument("--data", default=None)
+    s.add_argument("--beam", type=int, default=3)
+    s.add_argument("--length-penalty", type=float, default=0.0)
+    s.add_argument("--features", default=str(DEFAULT_FEATURES))
+    s.add_argument("--notes", default=None)
+    s.set_defaults(fn=cmd_ship)
 
     h = sub.add_parser("human-agreement", help="Kendall's tau of each metric vs Flickr8k expert judgements")
     h.add_argument("--data", default=None)
