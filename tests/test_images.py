@@ -1,0 +1,295 @@
+"""images.load_image: every odd kind of file gives an upright RGB image or a one-line ImageError."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioning.images import ImageError, Preprocessing, load_image, preprocess, unnormalize
+
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+def assert_one_line_error(excinfo, *words: str) -> str:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg and "\r" not in msg, repr(msg)
+    assert "Traceback" not in msg
+    for w in words:
+        assert w.lower() in msg.lower(), (w, msg)
+    return msg
+
+
+def close(px, rgb, tol=12) -> bool:
+    return all(abs(int(a) - int(b)) <= tol for a, b in zip(px, rgb))
+
+
+def two_halves(w: int, h: int, left=RED, right=BLUE) -> Image.Image:
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:, : w // 2] = left
+    a[:, w // 2:] = right
+    return Image.fromarray(a, "RGB")
+
+
+# --- modes that must become a correct RGB image ---------------------------------------------
+
+def test_rgb_path_bytes_and_pil_agree(tmp_path):
+    im = two_halves(40, 20)
+    p = tmp_path / "x.png"
+    im.save(p)
+    a = load_image(p)
+    b = load_image(p.read_bytes())
+    c = load_image(str(p))
+    d = load_image(im)
+    for x in (a, b, c, d):
+        assert x.mode == "RGB" and x.size == (40, 20)
+        assert np.array_equal(np.asarray(x), np.asarray(im))
+
+
+def test_grayscale(tmp_path):
+    a = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (8, 1))  # (8, 16)
+    p = tmp_path / "g.png"
+    Image.fromarray(a, "L").save(p)
+    out = np.asarray(load_image(p))
+    assert out.shape == (8, 16, 3)
+    for ch in range(3):
+        assert np.array_equal(out[..., ch], a)
+
+
+def test_palette(tmp_path):
+    im = two_halves(20, 10).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    assert im.mode == "P"
+    p = tmp_path / "p.png"
+    im.save(p)
+    out = load_image(p)
+    assert out.mode == "RGB"
+    assert close(out.getpixel((2, 5)), RED) and close(out.getpixel((17, 5)), BLUE)
+
+
+def test_palette_with_transparency_composites_on_white(tmp_path):
+    im = Image.new("P", (10, 10), 0)
+    im.putpalette([0, 0, 0] + [255, 0, 0] + [0] * (254 * 3))  # index 0 black, 1 red
+    for x in range(5, 10):
+        for y in range(10):
+            im.putpixel((x, y), 1)
+    p = tmp_path / "pt.png"
+    im.save(p, transparency=0)  # the black index is transparent
+    assert "transparency" in Image.open(p).info
+    out = load_image(p)
+    assert out.mode == "RGB"
+    assert out.getpixel((1, 1)) == WHITE  # transparent black -> white, not black
+    assert out.getpixel((8, 1)) == RED
+
+
+def test_palette_transparent_gif(tmp_path):
+    im = Image.new("P", (8, 8), 0)
+    im.putpalette([0, 0, 0, 0, 0, 255] + [0] * (254 * 3))
+    im.paste(1, (0, 0, 4, 8))
+    p = tmp_path / "t.gif"
+    im.save(p, transparency=0)
+    out = load_image(p)
+    assert out.getpixel((1, 1)) == BLUE and out.getpixel((6, 1)) == WHITE
+
+
+def test_rgba_alpha_composited_on_white(tmp_path):
+    a = np.zeros((4, 4, 4), np.uint8)
+    a[..., 0] = 255  # red everywhere ...
+    a[:, :2, 3] = 255  # ... opaque on the left
+    a[:, 2:, 3] = 0  # ... fully transparent on the right
+    a[0, 0, 3] = 128  # one half-transparent pixel
+    p = tmp_path / "a.png"
+    Image.fromarray(a, "RGBA").save(p)
+    out = load_image(p)
+    assert out.mode == "RGB"
+    assert out.getpixel((1, 2)) == RED
+    assert out.getpixel((3, 2)) == WHITE
+    assert close(out.getpixel((0, 0)), (255, 127, 127), tol=2)
+
+
+def test_la_mode(tmp_path):
+    im = Image.new("LA", (4, 4), (0, 0))  # black, transparent
+    im.putpixel((0, 0), (0, 255))  # black, opaque
+    out = load_image(im)
+    assert out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((3, 3)) == WHITE
+
+
+def test_cmyk_jpeg(tmp_path):
+    p = tmp_path / "cmyk.jpg"
+    two_halves(32, 16).convert("CMYK").save(p, quality=95)
+    assert Image.open(p).mode == "CMYK"
+    out = load_image(p)
+    assert out.mode == "RGB" and out.size == (32, 16)
+    assert close(out.getpixel((4, 8)), RED, tol=40) and close(out.getpixel((28, 8)), BLUE, tol=40)
+
+
+def test_16bit_png(tmp_path):
+    a = np.zeros((4, 8), np.uint16)
+    a[:, 4:] = 65535
+    a[:, 2:4] = 32768
+    p = tmp_path / "i16.png"
+    Image.fromarray(a).save(p)
+    assert Image.open(p).mode == "I;16"
+    out = np.asarray(load_image(p))
+    assert out.shape == (4, 8, 3)
+    assert (out[:, :2] == 0).all()
+    assert (np.abs(out[:, 2:4].astype(int) - 128) <= 1).all()  # scaled, not clipped to 255
+    assert (out[:, 4:] == 255).all()
+
+
+def test_32bit_int_and_float_modes():
+    a = np.array([[0, 100000], [200000, 300000]], dtype=np.int32)
+    out = load_image(Image.fromarray(a, "I"))
+    assert out.mode == "RGB" and out.size == (2, 2)
+    f = Image.fromarray(np.array([[0.0, 0.5], [1.0, 2.0]], dtype=np.float32), "F")
+    g = np.asarray(load_image(f))[..., 0]
+    assert g[0, 0] == 0 and g[1, 1] == 255 and 0 < g[0, 1] < g[1, 0] < 255
+
+
+def test_exif_rotated_jpeg(tmp_path):
+    im = two_halves(40, 20)  # red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    p = tmp_path / "rot.jpg"
+    im.save(p, exif=exif.tobytes(), quality=95)
+    assert Image.open(p).size == (40, 20)
+    out = load_image(p)
+    assert out.size == (20, 40)  # width and height swapped
+    # Rotating clockwise brings the left (red) half to the top.
+    assert close(out.getpixel((10, 5)), RED, tol=40)
+    assert close(out.getpixel((10, 34)), BLUE, tol=40)
+
+
+def test_animated_gif_first_frame(tmp_path):
+    frames = [Image.new("RGB", (16, 16), c) for c in (RED, BLUE, (0, 255, 0))]
+    p = tmp_path / "anim.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(p).n_frames == 3
+    out = load_image(p)
+    assert out.mode == "RGB" and out.size == (16, 16)
+    assert out.getpixel((8, 8)) == RED
+    # A PIL image positioned on a later frame is rewound too.
+    im = Image.open(p)
+    im.seek(2)
+    assert load_image(im).getpixel((8, 8)) == RED
+
+
+# --- files that must give a one-line ImageError ---------------------------------------------
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.jpg"
+    p.write_bytes(b"")
+    with pytest.raises(ImageError) as e:
+        load_image(p)
+    assert_one_line_error(e, "empty", "empty.jpg")
+    with pytest.raises(ImageError) as e:
+        load_image(b"")
+    assert_one_line_error(e, "empty")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageError) as e:
+        load_image(tmp_path / "nope.png")
+    assert_one_line_error(e, "nope.png")
+
+
+def test_non_image_file(tmp_path):
+    p = tmp_path / "notes.jpg"
+    p.write_text("this is not a picture\nsecond line\n")
+    with pytest.raises(ImageError) as e:
+        load_image(p)
+    assert_one_line_error(e, "notes.jpg", "not an image")
+    with pytest.raises(ImageError) as e:
+        load_image(b"%PDF-1.4\n%\xe2\xe3\n1 0 obj\n")
+    assert_one_line_error(e)
+
+
+def test_truncated_jpeg(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError) as e:
+        load_image(p)
+    assert_one_line_error(e, "cut.jpg")
+
+
+def test_truncated_png(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    p = tmp_path / "cut.png"
+    p.write_bytes(buf.getvalue()[:300])
+    with pytest.raises(ImageError) as e:
+        load_image(p)
+    assert_one_line_error(e, "cut.png")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A small, valid-looking PNG whose header claims width x height RGB pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024, 9)  # far too little data: never meant to be decoded
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_header(tmp_path):
+    p = tmp_path / "bomb.png"
+    p.write_bytes(bomb_png(100_000, 100_000))
+    assert p.stat().st_size < 2000
+    assert Image.open(p).size == (100_000, 100_000)
+    with pytest.raises(ImageError) as e:
+        load_image(p)
+    msg = assert_one_line_error(e, "bomb.png", "100000x100000", "limit")
+    assert "50,000,000" in msg
+    with pytest.raises(ImageError):
+        load_image(p.read_bytes())
+
+
+def test_max_pixels_is_honoured(tmp_path):
+    p = tmp_path / "small.png"
+    Image.new("RGB", (100, 100), RED).save(p)
+    assert load_image(p, max_pixels=10_000).size == (100, 100)  # exactly at the limit: fine
+    with pytest.raises(ImageError) as e:
+        load_image(p, max_pixels=9_999)
+    assert_one_line_error(e, "100x100")
+    tiny = tmp_path / "one.png"
+    Image.new("RGB", (1, 1), RED).save(tiny)
+    assert load_image(tiny, max_pixels=1).getpixel((0, 0)) == RED
+    with pytest.raises(ImageError):
+        load_image(tiny, max_pixels=0)
+
+
+# --- preprocessing ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(224, 224), (50, 300), (640, 80)])
+def test_preprocess_shape_and_normalisation(size):
+    im = Image.new("RGB", size, WHITE)
+    x = preprocess(im)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    prep = Preprocessing()
+    expect = (1.0 - torch.tensor(prep.mean)) / torch.tensor(prep.std)
+    assert torch.allclose(x[:, 100, 100], expect, atol=1e-5)
+    assert np.allclose(unnormalize(x), 1.0, atol=1e-5)
+
+
+def test_preprocess_stretches_not_crops():
+    # A wide image: red left half, blue right half. A centre crop would lose neither colour but
+    # shift the border; a plain stretch keeps the border exactly in the middle.
+    x = unnormalize(preprocess(two_halves(400, 100)))
+    assert x[112, 50, 0] > 0.9 and x[112, 50, 2] < 0.1
+    assert x[112, 170, 2] > 0.9 and x[112, 170, 0] < 0.1
+    assert x[112, 108, 0] > 0.9 and x[112, 116, 2] > 0.9
+
+
+def test_preprocess_accepts_non_rgb():
+    x = preprocess(Image.new("L", (30, 30), 255))
+    assert x.shape == (3, 224, 224)
+    assert torch.allclose(x, preprocess(Image.new("RGB", (30, 30), WHITE)))
