@@ -1,0 +1,870 @@
+"""Everything the app computes, with no Streamlit in it: the pages only lay out widgets.
+
+Each function takes plain values (paths, bytes, PIL images, a Captioner) and returns plain
+values (dataclasses, numpy arrays, Plotly figures), so it can be tested without a browser and
+cached by the UI layer (``app/ui.py``). Interpretability comes from ``explain``; a part of it
+that is not installed raises ``NotAvailable`` with a one-line reason the page shows.
+
+All model work runs under one lock: a Streamlit server serves every browser session from
+threads of one process, and attribution methods hook into the shared encoder.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from captioning.bundle import MODELS_DIR, BundleError, read_config
+from captioning.images import MAX_PIXELS, ImageError, load_image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Largest upload accepted (also ``server.maxUploadSize`` in .streamlit/config.toml).
+MAX_UPLOAD_MB = 20
+UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+#: Images are shown (and overlays drawn) at most this many pixels on their long side.
+DISPLAY_SIDE = 512
+#: The model is given the photo at most this large (it is resized to 224x224 inside anyway).
+MODEL_SIDE = 1024
+#: Preferred order of the shipped decoders; others follow alphabetically.
+MODEL_ORDER = ("show_attend_tell", "show_tell", "merge")
+DECODER_TITLES = {"show_attend_tell": "Show, Attend and Tell", "show_tell": "Show and Tell", "merge": "Merge"}
+
+COMPUTE_LOCK = threading.RLock()
+
+
+class NotAvailable(RuntimeError):
+    """A feature whose code (an ``explain`` function) or data is not present; one line, for the user."""
+
+
+# --------------------------------------------------------------------------- models
+
+def models_dir() -> Path:
+    """Where bundles are listed from: $CAPTIONING_MODELS_DIR, else assets/models."""
+    env = os.environ.get("CAPTIONING_MODELS_DIR")
+    return Path(env) if env else MODELS_DIR
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One folder under the models directory. ``error`` is set when it cannot be loaded."""
+
+    name: str
+    path: str
+    decoder: str = ""
+    encoder: str = ""
+    has_attention: bool = False
+    error: Optional[str] = None
+    stamp: float = 0.0  # weights' modification time: a retrained bundle gets a new cache key
+
+    @property
+    def key(self) -> str:
+        return f"{self.path}@{self.stamp}"
+
+    @property
+    def title(self) -> str:
+        """"Show, Attend and Tell" for the shipped folder of that decoder, else "name (decoder)"."""
+        t = DECODER_TITLES.get(self.decoder)
+        if not t:
+            return self.name
+        return t if self.name == self.decoder else f"{self.name} ({t})"
+
+
+def list_models(root: Optional[Path] = None) -> list[ModelInfo]:
+    """Every bundle folder in ``root`` (default ``models_dir()``), shipped decoders first.
+
+    A folder without ``config.json`` is ignored; one with a broken config is listed with its error.
+    """
+    root = Path(root) if root is not None else models_dir()
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (d / "config.json").is_file():
+            continue
+        try:
+            cfg = read_config(d)
+            kind = str(cfg["decoder"].get("type", ""))
+            w = d / "model.safetensors"
+            stamp = w.stat().st_mtime if w.is_file() else 0.0
+            err = None if w.is_file() else f"{w}: missing"
+            out.append(ModelInfo(d.name, str(d), kind, str(cfg["encoder"].get("name", "")),
+                                 kind == "show_attend_tell", err, stamp))
+        except (BundleError, KeyError, TypeError, AttributeError, OSError) as e:
+            out.append(ModelInfo(d.name, str(d), error=str(e).splitlines()[0]))
+    rank = {n: i for i, n in enumerate(MODEL_ORDER)}
+    out.sort(key=lambda m: (rank.get(m.name, len(rank)), m.name))
+    return out
+
+
+def no_models_message(root: Optional[Path] = None) -> str:
+    root = Path(root) if root is not None else models_dir()
+    return (f"No trained model found in {root}. Put a model bundle there (a folder with config.json, "
+            f"vocab.json and model.safetensors, e.g. assets/models/show_attend_tell), or set "
+            f"CAPTIONING_MODELS_DIR to a folder of bundles, then reload the page.")
+
+
+def load_encoder(name: str):
+    from captioning.encoders import build_encoder
+
+    with COMPUTE_LOCK:
+        return build_encoder(name)
+
+
+def load_captioner(path: str, encoder=None):
+    """A Captioner for one bundle. Raises BundleError / EncoderUnavailable with a readable message."""
+    from captioning.api import Captioner
+
+    with COMPUTE_LOCK:
+        return Captioner.from_pretrained(path, encoder=encoder)
+
+
+# --------------------------------------------------------------------------- images
+
+def digest(data: bytes) -> str:
+    """The cache key of an image: sha256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_upload(data: Optional[bytes], max_mb: float = MAX_UPLOAD_MB) -> None:
+    """Refuse empty or oversized files before any decoding. Raises ImageError."""
+    if not data:
+        raise ImageError("the file is empty")
+    if len(data) > max_mb * 1024 * 1024:
+        raise ImageError(f"the file is {len(data) / 2 ** 20:.2f} MB, over the {max_mb:g} MB limit")
+
+
+def image_error_message(label: str, e: Exception) -> str:
+    """"name: what is wrong" for an image that cannot be used (one line)."""
+    msg = (str(e).splitlines() or [""])[0] or type(e).__name__
+    if msg.startswith("image: "):  # load_image's name for raw bytes
+        msg = msg[len("image: "):]
+    if not isinstance(e, ImageError):
+        msg = f"cannot read this image ({type(e).__name__}: {msg})"
+    return f"{label}: {msg}" if label and not msg.startswith(label) else msg
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Bytes -> upright 8-bit RGB (any mode, EXIF rotation, first frame). Raises ImageError."""
+    check_upload(data)
+    im = load_image(bytes(data), max_pixels=max_pixels)
+    if im.mode != "RGB":  # pragma: no cover - load_image guarantees RGB
+        im = im.convert("RGB")
+    return im
+
+
+def display_copy(im: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
+    """A copy no larger than ``side`` on its long side (for showing and for overlays)."""
+    im = im.copy()
+    if max(im.size) > side:
+        im.thumbnail((side, side), Image.BICUBIC)
+    return im
+
+
+def image_note(im: Image.Image, data: bytes) -> str:
+    """One line about the original file: format, mode, size (for the caption under the photo)."""
+    try:
+        with Image.open(io.BytesIO(data)) as raw:
+            fmt, mode, (w, h) = raw.format or "?", raw.mode, raw.size
+    except Exception:  # noqa: BLE001 - the note is cosmetic
+        fmt, mode, (w, h) = "?", "?", im.size
+    return f"{fmt} {mode} {w}x{h}" + (f" (shown upright, {im.size[0]}x{im.size[1]})" if (w, h) != im.size else "")
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@lru_cache(maxsize=16)
+def sample_bytes(name: str) -> bytes:
+    """A sample photo (captioning.samples) as PNG bytes, so it goes the same way as an upload."""
+    from captioning.samples import load_sample
+
+    return png_bytes(load_sample(name))
+
+
+def sample_names() -> list[str]:
+    from captioning.samples import sample_names as names
+
+    return names()
+
+
+# --------------------------------------------------------------------------- Flickr8k
+
+@lru_cache(maxsize=2)
+def _dataset(data_dir: str):
+    import contextlib
+
+    from captioning.data import load_dataset
+
+    with contextlib.redirect_stderr(io.StringIO()):  # the reader's skip report is not for app users
+        return load_dataset(data_dir)
+
+
+def flickr_dataset():
+    """The Flickr8k dataset when its folder exists (never copied into the repo), else None."""
+    from captioning.data import DataError, default_data_dir
+
+    d = default_data_dir()
+    if d is None:
+        return None
+    try:
+        return _dataset(str(d))
+    except (DataError, OSError):
+        return None
+
+
+def flickr_test_photos() -> list[str]:
+    ds = flickr_dataset()
+    if ds is None:
+        return []
+    try:
+        return list(ds.split("test"))
+    except Exception:  # noqa: BLE001 - a dataset without a test split
+        return []
+
+
+def flickr_references(name: str) -> list[str]:
+    ds = flickr_dataset()
+    return list(ds.captions.get(name, [])) if ds is not None else []
+
+
+def flickr_bytes(name: str) -> bytes:
+    ds = flickr_dataset()
+    if ds is None:
+        raise ImageError("the Flickr8k data folder is not available")
+    p = ds.path(name)
+    if not p.is_file():
+        raise ImageError(f"{name}: not found in the Flickr8k folder")
+    return p.read_bytes()
+
+
+def find_photos_mentioning(word: str, split: str = "test", min_refs: int = 5) -> list[str]:
+    """Flickr8k photos whose references (at least ``min_refs`` of them) contain ``word``."""
+    ds = flickr_dataset()
+    if ds is None:
+        return []
+    w = word.lower()
+    return [n for n in ds.split(split) if sum(w in c.lower().split() or w in c.lower() for c in ds.captions[n]) >= min_refs]
+
+
+# --------------------------------------------------------------------------- captioning
+
+@dataclass
+class CaptionOut:
+    """A captioning result in plain values (picklable for st.cache_data).
+
+    captions: best first, each {"text", "words", "tokens", "logprob", "score", "finished"}.
+    attention: the best caption's attention (len(words) + 1, h, w) or None. lattice: beam steps.
+    """
+
+    captions: list[dict]
+    attention: Optional[np.ndarray] = None
+    lattice: Optional[list[dict]] = None
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> dict:
+        return self.captions[0]
+
+    @property
+    def text(self) -> str:
+        return self.captions[0]["text"]
+
+    @property
+    def words(self) -> list[str]:
+        return list(self.captions[0]["words"])
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self.captions[0]["tokens"])
+
+
+def caption(captioner, image: Image.Image, beam_size: int = 3, length_penalty: float = 0.0, nbest: int = 1,
+            method: str = "beam", lattice: bool = True) -> CaptionOut:
+    """Caption one RGB image. nbest is clipped to beam_size."""
+    import time
+
+    beam_size = max(1, int(beam_size))
+    nbest = max(1, min(int(nbest), beam_size))
+    t0 = time.perf_counter()
+    with COMPUTE_LOCK:
+        res = captioner.caption([image], beam_size=beam_size, nbest=nbest, length_penalty=float(length_penalty),
+                                method=method, return_lattice=lattice and method == "beam")[0]
+    caps = [{"text": c.text, "words": list(c.words), "tokens": [int(t) for t in c.tokens],
+             "logprob": float(c.logprob), "score": float(c.score), "finished": bool(c.finished)}
+            for c in res.captions]
+    att = None if res.best.attention is None else np.asarray(res.best.attention, dtype=np.float32)
+    return CaptionOut(caps, att, res.lattice, time.perf_counter() - t0)
+
+
+def caption_many(captioners: dict[str, Any], image: Image.Image, beam_size: int = 3,
+                 length_penalty: float = 0.0) -> dict[str, CaptionOut]:
+    """The same photo through several models (name -> Captioner)."""
+    return {name: caption(c, image, beam_size, length_penalty, 1, lattice=False) for name, c in captioners.items()}
+
+
+def word_labels(words: Sequence[str]) -> list[str]:
+    """Unique, readable labels for a caption's words (the same word can occur twice)."""
+    return [f"{w}" if list(words).count(w) == 1 else f"{w} ({i + 1})" for i, w in enumerate(words)]
+
+
+# --------------------------------------------------------------------------- scores
+
+def _tok(s: str) -> str:
+    from captioning.metrics import _py_tokenize
+
+    return _py_tokenize({"x": [s]})["x"][0]
+
+
+def _ngrams(s: str, n: int = 4) -> Counter:
+    w = s.split()
+    return Counter(tuple(w[i:i + k]) for k in range(1, n + 1) for i in range(len(w) - k + 1))
+
+
+@dataclass
+class DocFreq:
+    """CIDEr document frequencies: n-gram -> number of images whose references contain it."""
+
+    df: dict[tuple, float]
+    n_images: int
+    source: str
+
+
+@lru_cache(maxsize=2)
+def _train_doc_freq(data_dir: str) -> DocFreq:
+    ds = _dataset(data_dir)
+    names = ds.split("train")
+    df: Counter = Counter()
+    for n in names:
+        grams: set = set()
+        for c in ds.captions[n]:
+            grams.update(_ngrams(_tok(c)))
+        df.update(grams)
+    return DocFreq(dict(df), len(names), f"Flickr8k train split ({len(names)} images)")
+
+
+def doc_freq_from_refs(refs: dict[str, list[str]]) -> DocFreq:
+    """Document frequencies of a corpus of references (image -> captions)."""
+    df: Counter = Counter()
+    for caps in refs.values():
+        grams: set = set()
+        for c in caps:
+            grams.update(_ngrams(_tok(c)))
+        df.update(grams)
+    return DocFreq(dict(df), len(refs), "given references")
+
+
+def training_doc_freq() -> Optional[DocFreq]:
+    """CIDEr document frequencies of the Flickr8k training references, computed once (about a second)."""
+    from captioning.data import default_data_dir
+
+    d = default_data_dir()
+    if d is None or flickr_dataset() is None:
+        return None
+    return _train_doc_freq(str(d))
+
+
+def cider_d(candidate: str, refs: Sequence[str], docfreq: DocFreq, n: int = 4, sigma: float = 6.0) -> float:
+    """CIDEr as pycocoevalcap computes it (Vedantam et al. 2015, with its clipping and length
+    penalty), but with document frequencies from a fixed corpus: one photo's CIDEr then means
+    the same as in a corpus evaluation instead of collapsing to zero idf."""
+    ref_len = math.log(float(max(docfreq.n_images, 1)))
+
+    def vec(cnts: Counter):
+        v = [dict() for _ in range(n)]
+        norm = [0.0] * n
+        length = 0
+        for g, tf in cnts.items():
+            k = len(g) - 1
+            df = math.log(max(1.0, docfreq.df.get(g, 0.0)))
+            v[k][g] = float(tf) * (ref_len - df)
+            norm[k] += v[k][g] ** 2
+            if k == 1:
+                length += tf
+        return v, [math.sqrt(x) for x in norm], length
+
+    vh, nh, lh = vec(_ngrams(_tok(candidate), n))
+    total = np.zeros(n)
+    for r in refs:
+        vr, nr, lr = vec(_ngrams(_tok(r), n))
+        delta = float(lh - lr)
+        val = np.zeros(n)
+        for k in range(n):
+            for g, x in vh[k].items():
+                val[k] += min(x, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0)
+            if nh[k] != 0 and nr[k] != 0:
+                val[k] /= nh[k] * nr[k]
+            val[k] *= math.e ** (-(delta ** 2) / (2 * sigma ** 2))
+        total += val
+    return float(np.mean(total) / max(len(refs), 1) * 10.0)
+
+
+def per_image_scores(candidate: str, refs: Sequence[str], docfreq: Optional[DocFreq] = None) -> dict[str, float]:
+    """BLEU-4 (pycocoevalcap, sentence level) and CIDEr-D with training document frequencies."""
+    from captioning.metrics import score_captions
+
+    s = score_captions({"img": candidate}, {"img": list(refs)}, use_java=False, metrics=("bleu",), per_image=True)
+    out = {"BLEU-4": float(s.per_image["img"]["BLEU-4"])}
+    docfreq = docfreq or training_doc_freq()
+    if docfreq is not None:
+        out["CIDEr"] = cider_d(candidate, refs, docfreq)
+    return out
+
+
+# --------------------------------------------------------------------------- overlays and attributions
+
+def _attr_module():
+    try:
+        from explain import attribution
+    except ImportError as e:
+        raise NotAvailable(f"attribution maps are not available (explain.attribution: {e})") from None
+    return attribution
+
+
+def _need(module: str, name: str):
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"explain.{module}")
+    except ImportError as e:
+        raise NotAvailable(f"not available yet: explain.{module} cannot be imported ({e})") from None
+    fn = getattr(mod, name, None)
+    if fn is None:
+        raise NotAvailable(f"not available yet: explain.{module}.{name} does not exist")
+    return fn
+
+
+def overlay(image: Image.Image, m: np.ndarray, alpha: float = 0.5, signed: bool = False) -> np.ndarray:
+    """A heat map blended over the image: (H, W, 3) float in [0, 1]."""
+    try:
+        fn = _need("attribution", "overlay")
+    except NotAvailable:
+        fn = None
+    if fn is not None:
+        return fn(image, m, alpha=alpha, signed=signed)
+    # Fallback: plain bilinear upsampling and a jet-like blend.
+    from matplotlib import colormaps
+
+    img = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    mm = np.asarray(Image.fromarray(np.asarray(m, np.float32)).resize(image.size, Image.BILINEAR))
+    mm = np.clip(mm, 0, None)
+    mm = mm / mm.max() if mm.max() > 0 else mm
+    return np.clip((1 - alpha) * img + alpha * colormaps["jet"](mm)[..., :3], 0, 1).astype(np.float32)
+
+
+def to_uint8(a: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] -> uint8 (four times smaller in a cache)."""
+    return (np.clip(np.asarray(a, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def attention_overlay(image: Image.Image, attention: Optional[np.ndarray], t: int) -> Optional[np.ndarray]:
+    """The decoder's attention at word t over the image, or None for a decoder without attention."""
+    if attention is None or not 0 <= t < len(attention):
+        return None
+    return overlay(image, np.asarray(attention[t], dtype=np.float32))
+
+
+def methods_for(captioner) -> list[str]:
+    attribution = _attr_module()
+    fn = getattr(attribution, "available_methods", None)
+    if fn is not None:
+        return list(fn(captioner))
+    has_att = getattr(captioner.decoder, "has_attention", False)
+    return [m for m in attribution.METHODS if m != "attention" or has_att]
+
+
+METHOD_TITLES = {"grad_cam": "Grad-CAM", "integrated_gradients": "Integrated Gradients", "smoothgrad": "SmoothGrad",
+                 "gradient_shap": "GradientSHAP", "occlusion": "Occlusion", "attention": "Attention"}
+#: Cheaper settings than the library defaults, so a CPU answers in seconds.
+FAST_OPTIONS: dict[str, dict[str, Any]] = {
+    "integrated_gradients": {"n_steps": 16},
+    "smoothgrad": {"nt_samples": 8},
+    "gradient_shap": {"n_samples": 8},
+    "occlusion": {"window": 32, "stride": 32},
+}
+
+
+def grad_cam_all(captioner, image: Image.Image, tokens: Sequence[int]) -> list[np.ndarray]:
+    """Grad-CAM maps (S, S) for every word of a caption and its <end>, in one backward pass."""
+    attribution = _attr_module()
+    with COMPUTE_LOCK:
+        if hasattr(attribution, "grad_cam_all_words"):
+            return [a.map for a in attribution.grad_cam_all_words(captioner, image, list(tokens))]
+        return [attribution.attribute(captioner, image, list(tokens), t, "grad_cam").map
+                for t in range(len(tokens) + 1)]
+
+
+def attribution_map(captioner, image: Image.Image, tokens: Sequence[int], t: int, method: str,
+                    fast: bool = True) -> tuple[np.ndarray, dict]:
+    """One word's (S, S) map for one method, and its metadata (seconds, options...)."""
+    attribution = _attr_module()
+    opts = dict(FAST_OPTIONS.get(method, {})) if fast else {}
+    with COMPUTE_LOCK:
+        a = attribution.attribute(captioner, image, list(tokens), int(t), method, **opts)
+    meta = {k: v for k, v in a.metadata.items() if isinstance(v, (int, float, str, dict, list))}
+    meta["logprob"] = a.logprob
+    return np.asarray(a.map, dtype=np.float32), meta
+
+
+@dataclass
+class Faithfulness:
+    """Deletion / insertion AUCs of one map against the random-order baseline."""
+
+    method: str
+    deletion_auc: float
+    insertion_auc: float
+    random_deletion_auc: float
+    random_insertion_auc: float
+    curves: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+
+    @property
+    def beats_random(self) -> bool:
+        """Lower deletion AUC and higher insertion AUC than the random order."""
+        return self.deletion_auc < self.random_deletion_auc and self.insertion_auc > self.random_insertion_auc
+
+
+def faithfulness(captioner, image: Image.Image, tokens: Sequence[int], t: int, maps: dict[str, np.ndarray],
+                 steps: int = 16) -> list[Faithfulness]:
+    """Deletion/insertion for several maps of one word; the random baseline is computed once."""
+    run = _need("faithfulness", "deletion_insertion")
+    rand_fn = _need("faithfulness", "random_baselines")
+    out = []
+    with COMPUTE_LOCK:
+        pixels = _need("_utils", "as_pixels")(image, captioner.prep)
+        rand = rand_fn(captioner, pixels, list(tokens), int(t), steps=steps)
+        for method, m in maps.items():
+            r = run(captioner, pixels, list(tokens), int(t), m, steps=steps, random_curves=rand)
+            curves = {name: (list(map(float, c.fractions)), list(map(float, c.probs)))
+                      for name, c in (("deletion", r.deletion), ("insertion", r.insertion),
+                                      ("random deletion", r.random_deletion),
+                                      ("random insertion", r.random_insertion))}
+            out.append(Faithfulness(method, r.deletion.auc, r.insertion.auc, r.random_deletion.auc,
+                                    r.random_insertion.auc, curves))
+    return out
+
+
+def faithfulness_figure(results: Sequence[Faithfulness]):
+    """Deletion and insertion curves of every method, the random baselines dashed."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Deletion (lower is better)", "Insertion (higher is better)"))
+    for col, kind in ((1, "deletion"), (2, "insertion")):
+        if results:
+            x, y = results[0].curves[f"random {kind}"]
+            fig.add_trace(go.Scatter(x=x, y=y, name="random order", line=dict(dash="dash", color="grey"),
+                                     showlegend=col == 1, legendgroup="random"), 1, col)
+        for i, r in enumerate(results):
+            x, y = r.curves[kind]
+            fig.add_trace(go.Scatter(x=x, y=y, name=METHOD_TITLES.get(r.method, r.method), legendgroup=r.method,
+                                     showlegend=col == 1, line=dict(color=_COLORS[i % len(_COLORS)])), 1, col)
+        fig.update_xaxes(title_text="fraction of the image", range=[0, 1], row=1, col=col)
+        fig.update_yaxes(title_text="p(word)", row=1, col=col)
+    fig.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+
+
+# --------------------------------------------------------------------------- beam tree
+
+def beam_tree_figure(lattice: Optional[list[dict]], vocab, best_tokens: Optional[Sequence[int]] = None,
+                     best_finished: bool = True):
+    """The beam-search tree (explain.beam links the lattice) drawn with Plotly: x = step,
+    y = rank of the candidate in its step; kept beams blue, pruned candidates grey, finished
+    captions as squares, the returned caption's path red."""
+    import plotly.graph_objects as go
+
+    if not lattice:
+        raise NotAvailable("no beam lattice for this caption (greedy decoding keeps none)")
+    tree = _need("beam", "beam_tree")(lattice, vocab, best_tokens=list(best_tokens) if best_tokens is not None else None,
+                                      best_finished=best_finished)
+    pos = tree.positions()
+    fig = go.Figure()
+    for style, color, width, pick in (("pruned", "#cccccc", 1, lambda c: not c.kept and not c.finished),
+                                      ("kept", "#6fa8dc", 1.5, lambda c: (c.kept or c.finished) and not c.on_best),
+                                      ("best", "#d62728", 3, lambda c: c.on_best)):
+        xs, ys = [], []
+        for parent, child in tree.edges():
+            c = tree.nodes[child]
+            if pick(c):
+                (x0, y0), (x1, y1) = pos[parent], pos[child]
+                xs += [x0, x1, None]
+                ys += [y0, y1, None]
+        if xs:
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=width), hoverinfo="skip",
+                                     name=f"{style} edges", showlegend=False))
+    groups = (("best path", lambda n: n.on_best, "#d62728"),
+              ("kept beam", lambda n: n.kept and not n.on_best, "#1f77b4"),
+              ("finished caption", lambda n: n.finished and not n.on_best, "#2ca02c"),
+              ("pruned", lambda n: not (n.kept or n.finished or n.on_best), "#aaaaaa"))
+    for name, pick, color in groups:
+        ns = [n for n in tree.nodes if pick(n)]
+        if not ns:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[pos[n.id][0] for n in ns], y=[pos[n.id][1] for n in ns], mode="markers+text", name=name,
+            text=[n.word for n in ns], textposition="top center", textfont=dict(size=10, color=color),
+            marker=dict(color=color, size=9, symbol=["square" if n.finished else "circle" for n in ns]),
+            customdata=[[n.step + 1, n.logprob, n.step_logprob, "yes" if n.kept else "no", "yes" if n.finished else "no"]
+                        for n in ns],
+            hovertemplate="<b>%{text}</b><br>step %{customdata[0]}<br>cumulative log-prob %{customdata[1]:.3f}"
+                          "<br>word log-prob %{customdata[2]:.3f}<br>kept %{customdata[3]}, finished %{customdata[4]}"
+                          "<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title_text="rank in step", zeroline=False)
+    fig.update_xaxes(title_text="step", dtick=1, zeroline=False)
+    fig.update_layout(height=max(360, 40 * (2 * tree.beam_size + 1)), margin=dict(l=10, r=10, t=30, b=10),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+                      title=f"{len(tree.nodes) - 1} candidates over {tree.steps} steps")
+    return fig
+
+
+def _accepts(fn, arg: str) -> bool:
+    import inspect
+
+    try:
+        return arg in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- encoder
+
+def imagenet_top5(captioner, image: Image.Image, k: int = 5) -> list[tuple[str, float]]:
+    with COMPUTE_LOCK:
+        try:
+            fn = _need("encoder", "imagenet_top5")
+            pixels = _need("_utils", "as_pixels")(image, captioner.prep)
+            return fn(captioner.encoder, pixels, k)
+        except NotAvailable:
+            return captioner.classify(image, k)
+
+
+def encoder_layers(captioner) -> list[dict]:
+    """[{name, channels, height, width}] of the encoder's inspectable layers."""
+    fn = _need("encoder", "layer_info")
+    with COMPUTE_LOCK:
+        return [{"name": li.name, "channels": li.channels, "height": li.height, "width": li.width}
+                for li in fn(captioner.encoder, captioner.prep.size)]
+
+
+def top_channel_maps(captioner, image: Image.Image, layer: str, k: int = 8) -> list[dict]:
+    """The layer's k most active channels: [{channel, mean, overlay (H, W, 3)}]."""
+    acts_fn = _need("encoder", "activations")
+    top_fn = _need("encoder", "top_channels")
+    montage = _need("encoder", "channel_montage")
+    with COMPUTE_LOCK:
+        pixels = _need("_utils", "as_pixels")(image, captioner.prep)
+        acts = acts_fn(captioner.encoder, pixels, layer)
+    top = top_fn(acts, k)
+    views = montage(image, acts, [c for c, _ in top])
+    return [{"channel": c, "mean": m, "overlay": to_uint8(v)} for (c, m), v in zip(top, views)]
+
+
+def feature_vis(captioner, layer: str, channel: int, steps: int = 64, size: int = 128) -> tuple[np.ndarray, dict]:
+    fn = _need("encoder", "feature_visualisation")
+    with COMPUTE_LOCK:
+        fv = fn(captioner.encoder, layer, int(channel), size=size, steps=steps, prep=captioner.prep)
+    return fv.image, {"objective": fv.objective, "seconds": fv.seconds, "source": fv.source}
+
+
+# --------------------------------------------------------------------------- embeddings
+
+@dataclass
+class Projection:
+    """2-D coordinates of the vocabulary for one method ("tsne" or "pca")."""
+
+    words: list[str]
+    xy: np.ndarray  # (N, 2)
+    method: str
+    note: str = ""
+
+
+def embedding_space(captioner):
+    fn = _need("embeddings", "embedding_space")
+    return fn(captioner.decoder, captioner.vocab)
+
+
+def embedding_projections(captioner, model_path: Optional[str] = None) -> dict[str, Projection]:
+    """The model's word embeddings in 2-D, {"tsne": ..., "pca": ...}. A ``projection.json``
+    shipped in the bundle is used when it matches the weights; otherwise both are computed here
+    (t-SNE takes seconds to a minute) and kept in memory only: the app never writes into a
+    model folder."""
+    space = embedding_space(captioner)
+    with COMPUTE_LOCK:
+        if model_path is not None:
+            proj = _need("embeddings", "bundle_projection")(model_path, space, save=False)
+        else:
+            proj = _need("embeddings", "project")(space)
+    ev = list(getattr(proj, "explained_variance", []) or [])
+    return {
+        "tsne": Projection(list(proj.words), np.asarray(proj.tsne, dtype=np.float32), "tsne",
+                           f"t-SNE, cosine distance, perplexity {proj.perplexity:g}, seed {proj.seed}"),
+        "pca": Projection(list(proj.words), np.asarray(proj.pca, dtype=np.float32), "pca",
+                          "PCA" + (": explained variance " + ", ".join(f"{v:.1%}" for v in ev[:2]) if ev else "")),
+    }
+
+
+def search_words(captioner, query: str, limit: int = 20) -> list[str]:
+    return list(_need("embeddings", "search")(embedding_space(captioner), query, limit))
+
+
+def nearest_words(captioner, word: str, k: int = 10) -> list[tuple[str, float]]:
+    """[(word, cosine similarity)] most similar first (the word itself excluded).
+    Raises KeyError (explain's UnknownWord, with spelling suggestions) for a word not in the vocabulary."""
+    fn = _need("embeddings", "nearest")
+    return [(str(w), float(s)) for w, s in fn(embedding_space(captioner), word, k, include_self=False)]
+
+
+def embedding_figure(proj: Projection, highlight: Sequence[str] = (), focus: Optional[str] = None,
+                     neighbours: Sequence[str] = ()):
+    """Scatter of the projected words: hover shows the word; the caption's words red and
+    labelled; with ``focus`` the view zooms to that word and labels its ``neighbours``."""
+    import plotly.graph_objects as go
+
+    hl, nb = set(highlight), set(neighbours) - set(highlight) - {focus}
+    xy = proj.xy
+    index = {w: i for i, w in enumerate(proj.words)}
+    base = [i for i, w in enumerate(proj.words) if w not in hl and w not in nb]
+    fig = go.Figure()
+    fig.add_trace(go.Scattergl(x=xy[base, 0], y=xy[base, 1], mode="markers", name="vocabulary",
+                               text=[proj.words[i] for i in base], hovertemplate="%{text}<extra></extra>",
+                               marker=dict(size=5, color="#7f9fbf", opacity=0.6)))
+    for name, words, color, size in (("nearest neighbours", nb, "#2ca02c", 8), ("caption words", hl, "#d62728", 11)):
+        idx = [index[w] for w in words if w in index]
+        if idx:
+            fig.add_trace(go.Scatter(x=xy[idx, 0], y=xy[idx, 1], mode="markers+text", name=name,
+                                     text=[proj.words[i] for i in idx], textposition="top center",
+                                     hovertemplate="%{text}<extra></extra>", marker=dict(size=size, color=color)))
+    if focus is not None and focus in index:
+        i = index[focus]
+        x, y = float(xy[i, 0]), float(xy[i, 1])
+        pts = [xy[index[w]] for w in nb if w in index]
+        reach = max([abs(float(p[0]) - x) for p in pts] + [abs(float(p[1]) - y) for p in pts] + [0.0])
+        span = max(1.15 * reach, 0.05 * float(max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1]), 1e-6)))
+        fig.add_trace(go.Scatter(x=[x], y=[y], mode="markers+text", name=f"search: {focus}", text=[focus],
+                                 textposition="bottom center", hovertemplate="%{text}<extra></extra>",
+                                 textfont=dict(size=14), marker=dict(size=18, color="rgba(0,0,0,0)",
+                                                                      line=dict(color="black", width=2))))
+        fig.update_xaxes(range=[x - span, x + span])
+        fig.update_yaxes(range=[y - span, y + span])
+    title = {"tsne": "t-SNE", "pca": "PCA"}.get(proj.method, proj.method)
+    fig.update_layout(height=560, margin=dict(l=10, r=10, t=30, b=10), title=f"{title} of the word embeddings",
+                      legend=dict(orientation="h"))
+    return fig
+
+
+# --------------------------------------------------------------------------- model page
+
+#: Published Flickr8k test results, fractions (papers report x100). Only numbers in the papers.
+PUBLISHED: list[dict[str, Any]] = [
+    {"model": "Show, Attend and Tell, soft attention", "BLEU-1": 0.67, "BLEU-2": 0.448, "BLEU-3": 0.299,
+     "BLEU-4": 0.195, "METEOR": 0.1893,
+     "source": "Xu et al. 2015, ICML, arXiv:1502.03044, Table 1 (Flickr8k)"},
+    {"model": "Show, Attend and Tell, hard attention", "BLEU-1": 0.67, "BLEU-2": 0.457, "BLEU-3": 0.314,
+     "BLEU-4": 0.213, "METEOR": 0.2030,
+     "source": "Xu et al. 2015, ICML, arXiv:1502.03044, Table 1 (Flickr8k)"},
+    {"model": "Show and Tell (NIC)", "BLEU-1": 0.63,
+     "source": "Vinyals et al. 2015, CVPR, arXiv:1411.4555, Table 2 (Flickr8k reports BLEU-1 only)"},
+]
+METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def read_text(path: Path) -> Optional[str]:
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def model_card(model_path: str) -> Optional[str]:
+    return read_text(Path(model_path) / "MODEL_CARD.md")
+
+
+def model_config(model_path: str) -> Optional[dict]:
+    try:
+        return read_config(model_path)
+    except BundleError:
+        return None
+
+
+def test_metrics(model_path: str) -> Optional[dict[str, float]]:
+    """``metrics.json``'s test metrics, or None (missing or unreadable)."""
+    text = read_text(Path(model_path) / "metrics.json")
+    if text is None:
+        return None
+    try:
+        d = json.loads(text)
+    except ValueError:
+        return None
+    m = d.get("metrics", d) if isinstance(d, dict) else None
+    if not isinstance(m, dict):
+        return None
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def metrics_table(models: dict[str, Optional[dict[str, float]]]) -> list[dict[str, Any]]:
+    """Rows for the comparison table: our models' test metrics, then the published ones."""
+    rows = []
+    for name, m in models.items():
+        if m:
+            rows.append({"model": name, **{k: m.get(k) for k in METRIC_KEYS}, "source": "this repository, Flickr8k test"})
+    for p in PUBLISHED:
+        rows.append({"model": p["model"], **{k: p.get(k) for k in METRIC_KEYS}, "source": p["source"]})
+    return rows
+
+
+def training_curves(model_path: str) -> Optional[list[dict[str, float]]]:
+    """``metrics.csv`` rows as floats (missing cells None), or None when absent/unreadable."""
+    text = read_text(Path(model_path) / "metrics.csv")
+    if not text:
+        return None
+    rows = []
+    try:
+        for r in csv.DictReader(io.StringIO(text)):
+            row = {}
+            for k, v in r.items():
+                if k is None:
+                    continue
+                try:
+                    row[k.strip()] = float(v) if v not in (None, "") else None
+                except ValueError:
+                    row[k.strip()] = None
+            rows.append(row)
+    except csv.Error:
+        return None
+    return rows or None
+
+
+def curves_figure(rows: list[dict[str, Optional[float]]]):
+    """Loss and validation-score curves over epochs (two panels)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    x = [r.get("epoch") for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Validation scores"))
+    for key, name in (("train_loss", "train loss"), ("val_loss", "validation loss")):
+        if any(r.get(key) is not None for r in rows):
+            fig.add_trace(go.Scatter(x=x, y=[r.get(key) for r in rows], mode="lines+markers", name=name), 1, 1)
+    for key, name in (("val_bleu4", "BLEU-4"), ("val_cider", "CIDEr")):
+        if any(r.get(key) is not None for r in rows):
+            fig.add_trace(go.Scatter(x=x, y=[r.get(key) for r in rows], mode="lines+markers", name=name), 1, 2)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=40, b=10))
+    return fig

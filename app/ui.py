@@ -1,0 +1,240 @@
+"""The Streamlit side shared by every page: cached wrappers around ``services`` and the sidebar
+(model, photo and decoding settings), whose choices every page reads through ``current()``.
+
+Caching: models with ``st.cache_resource`` (one copy per server process); per-image results
+with ``st.cache_data`` keyed by the image's sha256 and the model's path and weights' mtime.
+Arguments whose names start with ``_`` are not hashed (the bytes and the models), so keys stay
+cheap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import streamlit as st
+
+from app import services as sv
+from captioning.images import ImageError
+
+# --------------------------------------------------------------------------- cached wrappers
+
+
+@st.cache_resource(show_spinner="Loading the image encoder...")
+def encoder(name: str):
+    return sv.load_encoder(name)
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=8)
+def captioner(model_key: str, path: str, encoder_name: str):
+    """One Captioner per bundle (and weights' mtime); bundles with one encoder share it."""
+    return sv.load_captioner(path, encoder=encoder(encoder_name) if encoder_name else None)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def decoded(digest: str, _data: bytes):
+    """(display image, model input image, note) for the image with this hash. Raises ImageError.
+
+    The model input is the photo at most MODEL_SIDE pixels on its long side: the model sees
+    it stretched to 224x224 anyway, and a 50-megapixel photo should not sit in the cache."""
+    im = sv.decode_image(_data)
+    return sv.display_copy(im), sv.display_copy(im, sv.MODEL_SIDE), sv.image_note(im, _data)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def caption(model_key: str, digest: str, beam: int, lp: float, nbest: int, _model, _image) -> sv.CaptionOut:
+    return sv.caption(_model, _image, beam, lp, nbest)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def grad_cam_all(model_key: str, digest: str, tokens: tuple, _model, _image) -> list[np.ndarray]:
+    return sv.grad_cam_all(_model, _image, tokens)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def attribution(model_key: str, digest: str, tokens: tuple, t: int, method: str, _model, _image):
+    return sv.attribution_map(_model, _image, tokens, t, method)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def faithfulness(model_key: str, digest: str, tokens: tuple, t: int, methods: tuple, _model, _image, _maps):
+    return sv.faithfulness(_model, _image, tokens, t, _maps)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def scores(candidate: str, refs: tuple) -> dict:
+    return sv.per_image_scores(candidate, list(refs))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def top5(model_key: str, digest: str, _model, _image):
+    return sv.imagenet_top5(_model, _image)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def channel_maps(model_key: str, digest: str, layer: str, k: int, _model, _image):
+    return sv.top_channel_maps(_model, _image, layer, k)
+
+
+@st.cache_data(show_spinner=False)
+def layers(model_key: str, _model):
+    return sv.encoder_layers(_model)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def feature_vis(encoder_name: str, layer: str, channel: int, steps: int, model_key: str, _model):
+    return sv.feature_vis(_model, layer, channel, steps=steps)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def projections(model_key: str, path: str, _model) -> dict:
+    return sv.embedding_projections(_model, path)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def word_search(model_key: str, query: str, _model) -> list[str]:
+    return sv.search_words(_model, query)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def neighbours(model_key: str, word: str, k: int, _model):
+    return sv.nearest_words(_model, word, k)
+
+
+@st.cache_data(show_spinner=False, ttl=60)
+def model_list(root: str):
+    return sv.list_models(Path(root))
+
+
+@st.cache_data(show_spinner=False)
+def flickr_photos() -> list[str]:
+    return sv.flickr_test_photos()
+
+
+# --------------------------------------------------------------------------- shared state
+
+
+@dataclass
+class Current:
+    """What the sidebar selected. ``image`` is None when there is no usable image (error shown)."""
+
+    model: Optional[sv.ModelInfo]
+    models: list
+    data: Optional[bytes]
+    digest: Optional[str]
+    label: str
+    flickr_name: Optional[str]
+    image: object = None  # display-size RGB PIL image
+    full: object = None  # the image given to the model
+    note: str = ""
+    error: Optional[str] = None
+    beam: int = 3
+    length_penalty: float = 0.0
+    nbest: int = 3
+
+    def get_captioner(self):
+        """The selected model's Captioner, or None after showing why it cannot be loaded."""
+        if self.model is None:
+            return None
+        return load_model(self.model)
+
+
+def load_model(m: sv.ModelInfo):
+    if m.error:
+        st.error(f"Model {m.name} cannot be loaded: {m.error}")
+        return None
+    try:
+        return captioner(m.key, m.path, m.encoder)
+    except Exception as e:  # noqa: BLE001 - BundleError, EncoderUnavailable, torch errors: all shown
+        st.error(f"Model {m.name} cannot be loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return None
+
+
+SOURCES = ("Sample photo", "Upload", "Flickr8k test photo")
+
+
+def sidebar() -> Current:
+    """Draw the sidebar and return the selection (stored in st.session_state['current'])."""
+    sb = st.sidebar
+    models = model_list(str(sv.models_dir()))
+    model = None
+    if not models:
+        sb.error(sv.no_models_message())
+    else:
+        names = [m.name for m in models]
+        name = sb.selectbox("Model", names, key="model_name", format_func=lambda n: next(m.title for m in models if m.name == n),
+                            help=f"Every model bundle found in {sv.models_dir()}")
+        model = next(m for m in models if m.name == name)
+        if model.error:
+            sb.error(f"{model.name}: {model.error}")
+
+    sources = list(SOURCES) if flickr_photos() else list(SOURCES[:2])
+    source = sb.radio("Photo", sources, key="source", horizontal=False)
+    data, label, fname, err = None, "", None, None
+    if source == "Upload":
+        up = sb.file_uploader("Upload a photo", type=None, key="upload",
+                              help=f"JPEG, PNG, WebP, BMP, GIF (first frame) or TIFF, up to {sv.MAX_UPLOAD_MB} MB")
+        if up is not None:
+            data, label = up.getvalue(), up.name
+            if not data:
+                err = sv.image_error_message(up.name, ImageError("the file is empty"))
+    elif source == "Sample photo":
+        name = sb.selectbox("Sample", sv.sample_names(), key="sample")
+        data, label = sv.sample_bytes(name), f"sample: {name}"
+    else:
+        photos = flickr_photos()
+        fname = sb.selectbox("Flickr8k test photo", photos, key="flickr", help="Shown with its five reference captions")
+        try:
+            data, label = sv.flickr_bytes(fname), fname
+        except ImageError as e:
+            err = str(e)
+
+    with sb.expander("Decoding", expanded=False):
+        beam = st.slider("Beam size", 1, 10, 3, key="beam")
+        lp = st.slider("Length penalty", 0.0, 2.0, 0.0, 0.1, key="length_penalty",
+                       help="Beams are ranked by log-probability / length^penalty (0: plain log-probability)")
+        nbest = st.slider("N-best", 1, 10, 3, key="nbest", help="How many captions to list (at most the beam size)")
+    cur = Current(model, models, data, None, label, fname, beam=int(beam), length_penalty=float(lp),
+                  nbest=int(min(nbest, beam)))
+    if data is not None and err is None:
+        cur.digest = sv.digest(data)
+        try:
+            cur.image, cur.full, cur.note = decoded(cur.digest, data)
+        except Exception as e:  # noqa: BLE001 - ImageError, or anything else a file can provoke: never a crash
+            err = sv.image_error_message(label, e)
+    cur.error = err
+    st.session_state["current"] = cur
+    return cur
+
+
+def current() -> Current:
+    cur = st.session_state.get("current")
+    return cur if cur is not None else sidebar()
+
+
+def require_image(cur: Current) -> bool:
+    """Show the image problem (or the prompt to choose one); True when there is an image."""
+    if cur.error:
+        st.error(f"Cannot use this file — {cur.error}. Choose another photo.")
+        return False
+    if cur.image is None:
+        st.info("Upload a photo or choose one in the sidebar.")
+        return False
+    return True
+
+
+def current_caption(cur: Current, model=None):
+    """(Captioner, CaptionOut) for the sidebar's model, photo and settings, or (None, None)."""
+    if cur.model is None:
+        st.warning(sv.no_models_message())
+        return None, None
+    model = model or cur.get_captioner()
+    if model is None or cur.image is None:
+        return None, None
+    try:
+        out = caption(cur.model.key, cur.digest, cur.beam, cur.length_penalty, cur.nbest, model, cur.full)
+    except ImageError as e:
+        st.error(str(e))
+        return None, None
+    return model, out

@@ -1,0 +1,90 @@
+"""Caption page: the photo, its best caption (large), the n-best list, references and
+per-image scores for a Flickr8k photo, and each word's attention map and Grad-CAM overlay."""
+from __future__ import annotations
+
+import html
+
+import streamlit as st
+
+from app import services as sv
+from app import ui
+
+cur = ui.current()
+st.title("Caption")
+
+if not ui.require_image(cur):
+    st.stop()
+
+left, right = st.columns([5, 6], gap="large")
+left.image(cur.image, caption=f"{cur.label} · {cur.note}", width="stretch")
+
+with right:
+    model, out = ui.current_caption(cur)
+    if out is None:
+        st.stop()
+    st.markdown(f'<p class="best-caption" style="font-size:2.1rem;line-height:1.25;font-weight:600;margin:0.2rem 0 0.6rem">'
+                f"{html.escape(out.text)}</p>", unsafe_allow_html=True)
+    st.caption(f"{cur.model.title} · beam {cur.beam}, length penalty {cur.length_penalty:g} · "
+               f"log-probability {out.best['logprob']:.2f} · {out.seconds * 1000:.0f} ms")
+
+    st.markdown("**N-best captions**")
+    st.dataframe([{"#": i + 1, "caption": c["text"], "log-prob": round(c["logprob"], 3), "score": round(c["score"], 3),
+                   "ended": "yes" if c["finished"] else "no (max length)"} for i, c in enumerate(out.captions)],
+                 hide_index=True, width="stretch",
+                 column_config={"#": st.column_config.NumberColumn("#", width=40),
+                                "caption": st.column_config.TextColumn("caption", width="medium")})
+
+    if cur.flickr_name:
+        refs = sv.flickr_references(cur.flickr_name)
+        if refs:
+            st.markdown("**Reference captions** (Flickr8k)")
+            st.markdown("\n".join(f"{i + 1}. {html.escape(r)}" for i, r in enumerate(refs)))
+            s = ui.scores(out.text, tuple(refs))
+            c1, c2 = st.columns(2)
+            c1.metric("BLEU-4 (this photo)", f"{s['BLEU-4']:.3f}")
+            if "CIDEr" in s:
+                c2.metric("CIDEr-D (this photo)", f"{s['CIDEr']:.3f}",
+                          help="Document frequencies from the Flickr8k training captions")
+
+st.divider()
+words = out.words
+if not words:
+    st.info("The caption is empty: there is no word to explain.")
+    st.stop()
+
+st.subheader("Where did each word come from?")
+labels = sv.word_labels(words)
+try:
+    methods = sv.methods_for(model)
+except sv.NotAvailable:
+    methods = []
+c1, c2 = st.columns([3, 1])
+with c1:
+    t = st.pills("Click a word", list(range(len(words))), format_func=lambda i: labels[i], default=0,
+                 key=f"word-{cur.model.key}-{cur.digest}-{'-'.join(map(str, out.tokens))}")
+t = 0 if t is None else int(t)
+choices = [m for m in methods if m != "attention"] or ["grad_cam"]
+method = c2.selectbox("Attribution method", choices, index=choices.index("grad_cam") if "grad_cam" in choices else 0,
+                      format_func=lambda m: sv.METHOD_TITLES.get(m, m), key="caption_method",
+                      help="Grad-CAM is instant; the others take about a second per word on a CPU")
+
+cols = st.columns(3)
+cols[0].image(cur.image, caption="photo", width="stretch")
+att = sv.attention_overlay(cur.image, out.attention, t)
+if att is not None:
+    cols[1].image(att, caption=f"attention for “{words[t]}”", width="stretch", clamp=True)
+else:
+    cols[1].info(f"{cur.model.title} has no attention: only the attribution map is shown.")
+name = sv.METHOD_TITLES.get(method, method)
+try:
+    with st.spinner(f"{name} for “{words[t]}”..."):
+        if method == "grad_cam":
+            m = ui.grad_cam_all(cur.model.key, cur.digest, tuple(out.tokens), model, cur.full)[t]
+        else:
+            m = ui.attribution(cur.model.key, cur.digest, tuple(out.tokens), t, method, model, cur.full)[0]
+    cols[2].image(sv.overlay(cur.image, m), caption=f"{name} for “{words[t]}”", width="stretch", clamp=True)
+except (sv.NotAvailable, ValueError) as e:
+    cols[2].info(str(e))
+st.caption("Attention: the decoder's own weights over the 7×7 grid (not an explanation by itself). The attribution "
+           "map explains the word's log-probability given the photo and the words before it. More methods and a "
+           "faithfulness check are on the Explain page.")

@@ -1,0 +1,71 @@
+"""Encoder page: the frozen CNN's own ImageNet top-5 for the photo, a layer's most active
+channels over the photo, and a feature visualisation of one channel."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app import services as sv
+from app import ui
+
+cur = ui.current()
+st.title("Encoder")
+if not ui.require_image(cur):
+    st.stop()
+if cur.model is None:
+    st.warning(sv.no_models_message())
+    st.stop()
+model = cur.get_captioner()
+if model is None:
+    st.stop()
+st.caption(f"Encoder: {cur.model.encoder or model.encoder.name} (frozen, ImageNet-trained); the decoder reads its last "
+           "feature map as a 7×7 grid.")
+
+left, right = st.columns([2, 3], gap="large")
+left.image(cur.image, caption=cur.label, width="stretch")
+with right:
+    st.subheader("ImageNet top-5")
+    top = ui.top5(cur.model.key, cur.digest, model, cur.full)
+    st.dataframe([{"class": name, "probability": round(p, 4)} for name, p in top], hide_index=True, width="stretch",
+                 column_config={"probability": st.column_config.ProgressColumn("probability", min_value=0.0,
+                                                                              max_value=1.0, format="%.3f")})
+
+st.divider()
+st.subheader("Top channels of a layer")
+try:
+    layers = ui.layers(cur.model.key, model)
+except sv.NotAvailable as e:
+    st.info(str(e))
+    st.stop()
+names = [l["name"] for l in layers]
+info = {l["name"]: l for l in layers}
+c1, c2 = st.columns([3, 1])
+layer = c1.selectbox("Layer", names, index=len(names) - 1, key="enc_layer",
+                     format_func=lambda n: f"{n}  ({info[n]['channels']} ch, {info[n]['height']}×{info[n]['width']})")
+k = c2.slider("Channels", 4, 16, 8, 4, key="enc_k")
+with st.spinner("Running the encoder..."):
+    chans = ui.channel_maps(cur.model.key, cur.digest, layer, k, model, cur.full)
+cols = st.columns(4)
+for i, ch in enumerate(chans):
+    cols[i % 4].image(ch["overlay"], caption=f"channel {ch['channel']} · mean {ch['mean']:.2f}", width="stretch",
+                      clamp=True)
+
+st.divider()
+st.subheader("Feature visualisation")
+st.caption("An image optimised to excite one channel as much as possible (Olah et al. 2017, Distill): what the channel "
+           "responds to, independent of this photo. It takes from a few seconds (early layers) to a minute.")
+c1, c2, c3 = st.columns([2, 1, 1])
+channel = c1.selectbox("Channel", [ch["channel"] for ch in chans], key=f"fv_channel-{layer}",
+                       help="One of the most active channels above")
+steps = c2.select_slider("Steps", [32, 64, 128], value=64, key="fv_steps")
+go = c3.button("Visualise", key="fv_go", type="primary")
+fv_key = (cur.model.key, layer, int(channel), int(steps))
+if go:
+    try:
+        with st.spinner(f"Optimising an image for {layer} channel {channel}..."):
+            img, meta = ui.feature_vis(cur.model.encoder, layer, int(channel), int(steps), cur.model.key, model)
+        st.session_state.setdefault("fv_done", {})[fv_key] = True
+    except sv.NotAvailable as e:
+        st.info(str(e))
+if st.session_state.get("fv_done", {}).get(fv_key):
+    img, meta = ui.feature_vis(cur.model.encoder, layer, int(channel), int(steps), cur.model.key, model)
+    st.image(img, caption=f"{layer}, channel {channel} ({meta['source']}, {meta['seconds']:.1f} s)", width=256)

@@ -1,0 +1,110 @@
+"""Explain page: a per-word overlay gallery for one method, every method side by side for one
+word with a deletion/insertion check against a random order, and the beam-search tree."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app import services as sv
+from app import ui
+
+cur = ui.current()
+st.title("Explain")
+if not ui.require_image(cur):
+    st.stop()
+model, out = ui.current_caption(cur)
+if out is None:
+    st.stop()
+st.markdown(f"**Caption:** {out.text}")
+words = out.words
+if not words:
+    st.info("The caption is empty: there is no word to explain.")
+    st.stop()
+try:
+    methods = sv.methods_for(model)
+except sv.NotAvailable as e:
+    st.info(str(e))
+    st.stop()
+tokens = tuple(out.tokens)
+labels = sv.word_labels(words)
+key = f"{cur.model.key}-{cur.digest}-{'-'.join(map(str, tokens))}"
+title = sv.METHOD_TITLES.get
+
+
+def word_map(method: str, t: int):
+    """(S, S) map of word t for a method (cached per image, caption and word)."""
+    if method == "grad_cam":
+        return ui.grad_cam_all(cur.model.key, cur.digest, tokens, model, cur.full)[t]
+    return ui.attribution(cur.model.key, cur.digest, tokens, t, method, model, cur.full)[0]
+
+
+SECTIONS = ["Word gallery", "Methods side by side", "Beam-search tree"]
+section = st.segmented_control("View", SECTIONS, default=SECTIONS[0], key="explain_section") or SECTIONS[0]
+
+if section == SECTIONS[0]:
+    method = st.selectbox("Method", methods, index=methods.index("grad_cam") if "grad_cam" in methods else 0,
+                          format_func=lambda m: title(m, m), key="gallery_method",
+                          help="Grad-CAM and attention are instant; the others take about a second per word on a CPU")
+    ncol = 4
+    cols = st.columns(ncol)
+    with st.spinner(f"{title(method, method)} for {len(words)} words..."):
+        for t, w in enumerate(words):
+            try:
+                m = word_map(method, t)
+            except (sv.NotAvailable, ValueError) as e:
+                st.info(str(e))
+                break
+            cols[t % ncol].image(sv.overlay(cur.image, m), caption=f"{t + 1}. {w}", width="stretch", clamp=True)
+
+elif section == SECTIONS[1]:
+    t = st.selectbox("Word", list(range(len(words))), format_func=lambda i: labels[i], key=f"cmp-word-{key}")
+    default = [m for m in ("grad_cam", "attention", "integrated_gradients") if m in methods]
+    chosen = st.multiselect("Methods", methods, default=default, format_func=lambda m: title(m, m), key="cmp_methods")
+    maps = {}
+    if chosen:
+        cols = st.columns(min(len(chosen), 3))
+        with st.spinner("Computing maps..."):
+            for i, m in enumerate(chosen):
+                try:
+                    maps[m] = word_map(m, t)
+                except (sv.NotAvailable, ValueError) as e:
+                    cols[i % len(cols)].info(f"{title(m, m)}: {e}")
+                    continue
+                cols[i % len(cols)].image(sv.overlay(cur.image, maps[m]), caption=title(m, m), width="stretch",
+                                          clamp=True)
+    st.markdown("#### Deletion / insertion against a random order")
+    st.caption("Blocks of pixels are removed (deletion) or revealed (insertion) in the order a map ranks them, and the "
+               "word's probability is tracked (Petsiuk et al. 2018). A faithful map has a lower deletion area and a "
+               "higher insertion area than the same blocks in random order.")
+    run = st.toggle("Run the check", value=True, key="run_faith")
+    if run and maps:
+        try:
+            with st.spinner("Deleting and inserting pixels..."):
+                res = ui.faithfulness(cur.model.key, cur.digest, tokens, t, tuple(maps), model, cur.full, maps)
+        except sv.NotAvailable as e:
+            st.info(str(e))
+        else:
+            rows = [{"method": title(r.method, r.method), "deletion AUC ↓": round(r.deletion_auc, 4),
+                     "random deletion": round(r.random_deletion_auc, 4), "insertion AUC ↑": round(r.insertion_auc, 4),
+                     "random insertion": round(r.random_insertion_auc, 4),
+                     "beats random": "yes" if r.beats_random else "NO"} for r in res]
+            st.dataframe(rows, hide_index=True, width="stretch")
+            losers = [title(r.method, r.method) for r in res if not r.beats_random]
+            if losers:
+                st.warning(f"Not better than random for “{words[t]}”: {', '.join(losers)}. Treat these maps with "
+                           "suspicion for this word.")
+            else:
+                st.success(f"Every map beats the random order for “{words[t]}”.")
+            st.plotly_chart(sv.faithfulness_figure(res), key=f"faith-{key}-{t}")
+
+else:
+    if out.lattice is None:
+        st.info("No beam lattice: decoding kept none.")
+    else:
+        try:
+            fig = sv.beam_tree_figure(out.lattice, model.vocab, out.tokens, out.best["finished"])
+        except sv.NotAvailable as e:
+            st.info(str(e))
+        else:
+            st.plotly_chart(fig, key=f"tree-{key}")
+            st.caption(f"Beam size {cur.beam}. Every candidate beam search considered; the kept beams continue, the "
+                       "best caption's path is highlighted.")

@@ -1,0 +1,79 @@
+"""Model page: the model card, test metrics beside published Flickr8k numbers, training curves,
+and every available decoder captioning the same photo side by side."""
+from __future__ import annotations
+
+import html
+
+import streamlit as st
+
+from app import services as sv
+from app import ui
+
+cur = ui.current()
+st.title("Model")
+if not cur.models:
+    st.warning(sv.no_models_message())
+    st.stop()
+m = cur.model
+st.subheader(m.title)
+if m.error:
+    st.error(f"This model cannot be loaded: {m.error}")
+
+tab_card, tab_metrics, tab_curves, tab_compare = st.tabs(["Model card", "Test metrics", "Training curves",
+                                                           "Compare decoders"])
+
+with tab_card:
+    card = sv.model_card(m.path)
+    if card:
+        st.markdown(card)
+    else:
+        st.info(f"No MODEL_CARD.md in {m.path}.")
+    cfg = sv.model_config(m.path)
+    if cfg:
+        with st.expander("config.json"):
+            st.json(cfg, expanded=False)
+
+with tab_metrics:
+    ours = {x.name: sv.test_metrics(x.path) for x in cur.models}
+    if not any(ours.values()):
+        st.info("No metrics.json in any model folder yet: only the published numbers are shown.")
+    rows = sv.metrics_table(ours)
+    shown = [{k: ("—" if r.get(k) is None else f"{r[k]:.3f}") if k in sv.METRIC_KEYS else r[k] for k in r}
+             for r in rows]
+    st.dataframe(shown, hide_index=True, width="stretch",
+                 column_config={"source": st.column_config.TextColumn("source", width="large")})
+    st.caption("Published numbers are on the Flickr8k test split with the authors' own encoders (VGG/GoogLeNet) and "
+               "tokenisation; METEOR needs Java. Scores are fractions (papers print them ×100). Blank cells: not "
+               "reported.")
+
+with tab_curves:
+    rows = sv.training_curves(m.path)
+    if not rows:
+        st.info(f"No metrics.csv (training curve) in {m.path}.")
+    else:
+        st.plotly_chart(sv.curves_figure(rows), key=f"curves-{m.key}")
+        st.dataframe(rows, hide_index=True, width="stretch")
+
+with tab_compare:
+    if not ui.require_image(cur):
+        pass
+    else:
+        usable = [x for x in cur.models if not x.error]
+        cols = st.columns(max(1, min(len(usable), 3)))
+        for i, x in enumerate(usable):
+            with cols[i % len(cols)]:
+                st.markdown(f"**{sv.DECODER_TITLES.get(x.decoder, x.name)}**  \n`{x.name}`")
+                cap = ui.load_model(x)
+                if cap is None:
+                    continue
+                out = ui.caption(x.key, cur.digest, cur.beam, cur.length_penalty, 1, cap, cur.full)
+                st.markdown(f'<p class="compare-caption" style="font-size:1.3rem;font-weight:600">'
+                            f"{html.escape(out.text)}</p>", unsafe_allow_html=True)
+                st.caption(f"log-probability {out.best['logprob']:.2f} · {out.seconds * 1000:.0f} ms")
+                if out.attention is not None:
+                    st.image(sv.attention_overlay(cur.image, out.attention, 0), clamp=True, width="stretch",
+                             caption=f"attention for “{out.words[0]}”" if out.words else "attention")
+        if cur.flickr_name:
+            refs = sv.flickr_references(cur.flickr_name)
+            if refs:
+                st.markdown("**References:** " + " · ".join(html.escape(r) for r in refs))

@@ -1,0 +1,531 @@
+"""The Streamlit app: the service layer on its own, then every page and every kind of bad input
+through ``streamlit.testing.v1.AppTest`` (no browser). Models are tiny untrained bundles
+written to a temporary folder, so these tests need neither trained weights nor Flickr8k
+(the few that use Flickr8k skip without it)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioning.bundle import save_bundle
+from captioning.decoders import build_decoder
+from captioning.images import ImageError
+from captioning.vocab import Vocab
+
+REPO = Path(__file__).resolve().parent.parent
+APP = REPO / "app" / "main.py"
+WORDS = ["a", "dog", "runs", "on", "the", "grass", "cat", "red", "ball", "two", "dogs", "play", "snow", "in", "man"]
+TIMEOUT = 120
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from app import services as sv  # noqa: E402
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def _bundle(folder: Path, kind: str, seed: int, extras: bool = False) -> Path:
+    vocab = Vocab(WORDS)
+    torch.manual_seed(seed)
+    cfg = {"vocab_size": len(vocab), "feature_dim": 1280, "embed_dim": 16, "hidden_dim": 16, "dropout": 0.0}
+    if kind == "show_attend_tell":
+        cfg["attention_dim"] = 16
+    if kind == "merge":
+        cfg["merge_dim"] = 16
+    dec = build_decoder(kind, cfg)
+    with torch.no_grad():  # make <end> unlikely at first so captions have a few words
+        dec.fc.bias[vocab.end] -= 2.0
+    save_bundle(folder, dec.eval(), vocab, "efficientnet-lite0")
+    if extras:
+        (folder / "MODEL_CARD.md").write_text("# Tiny test model\n\nUntrained; for the app tests only.\n")
+        (folder / "metrics.json").write_text(json.dumps({"metrics": {"BLEU-1": 0.5, "BLEU-4": 0.111, "METEOR": 0.15,
+                                                                     "ROUGE-L": 0.4, "CIDEr": 0.321}}))
+        (folder / "metrics.csv").write_text("epoch,train_loss,val_loss,val_bleu4,val_cider,lr,sample_prob,seconds\n"
+                                            "1,4.6,3.4,0.12,0.27,0.0004,0.0,125.1\n2,3.5,3.1,0.15,0.35,0.0004,0.0,120\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    _bundle(root / "show_attend_tell", "show_attend_tell", 0, extras=True)
+    _bundle(root / "show_tell", "show_tell", 1)
+    _bundle(root / "merge", "merge", 2)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _env(models, monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("CAPTIONING_MODELS_DIR", str(models))
+    monkeypatch.setenv("CAPTIONING_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def app(monkeypatch=None, models_dir: Path | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    if models_dir is not None:
+        os.environ["CAPTIONING_MODELS_DIR"] = str(models_dir)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.run()
+    return at
+
+
+def no_exceptions(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def best_caption(at) -> str | None:
+    for m in at.markdown:
+        if 'class="best-caption"' in m.value:
+            return m.value.split(">", 1)[1].rsplit("</p>", 1)[0]
+    return None
+
+
+def upload(at, name: str, data: bytes, mime: str = "application/octet-stream"):
+    if at.radio(key="source").value != "Upload":
+        at.radio(key="source").set_value("Upload").run()
+    at.file_uploader(key="upload").set_value((name, data, mime)).run()
+    no_exceptions(at)
+    return at
+
+
+# --------------------------------------------------------------------------- image files
+
+def enc(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(w: int = 96, h: int = 64) -> Image.Image:
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:, : w // 2] = (200, 40, 40)
+    a[:, w // 2:] = (40, 60, 200)
+    a[h // 3: 2 * h // 3, w // 4: 3 * w // 4] = (250, 250, 250)
+    return Image.fromarray(a, "RGB")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(w: int = 100_000, h: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims w x h pixels."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + png_chunk(b"IEND", b""))
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A 80x40 JPEG (stored) with EXIF orientation 6: shown upright it is 40x80."""
+    im = photo(80, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return enc(im, "JPEG", exif=exif.tobytes())
+
+
+def gif_animation() -> bytes:
+    frames = [photo().convert("P"), Image.new("RGB", (96, 64), (0, 255, 0)).convert("P")]
+    return enc(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+BAD_FILES = {
+    "non-image": ("notes.jpg", b"this is a text file, not a photo\n" * 20, "not an image"),
+    "pdf": ("report.pdf", b"%PDF-1.4\n1 0 obj <<>> endobj\n%%EOF\n", "not an image"),
+    "truncated JPEG": ("cut.jpg", None, "cannot decode"),
+    "empty": ("empty.png", b"", "empty"),
+    "decompression bomb": ("bomb.png", None, "over the limit"),
+    "over the size limit": ("huge.png", None, "MB limit"),
+}
+
+
+def bad_bytes(kind: str) -> bytes:
+    name, data, _ = BAD_FILES[kind]
+    if kind == "truncated JPEG":
+        full = enc(photo(256, 256), "JPEG", quality=95)
+        return full[: len(full) // 2]
+    if kind == "decompression bomb":
+        return bomb_png()
+    if kind == "over the size limit":
+        return enc(photo(), "PNG") + b"\x00" * (sv.MAX_UPLOAD_MB * 2 ** 20 + 1)
+    return data
+
+
+def odd_images() -> dict[str, tuple[str, bytes, tuple[int, int]]]:
+    """Files that must be captioned: (name, bytes, upright size)."""
+    rgba = photo().convert("RGBA")
+    a = np.asarray(rgba).copy()
+    a[:, :20, 3] = 0
+    g16 = (np.linspace(0, 65535, 96 * 64).reshape(64, 96)).astype(np.uint16)
+    return {
+        "CMYK JPEG": ("cmyk.jpg", enc(photo().convert("CMYK"), "JPEG"), (96, 64)),
+        "16-bit PNG": ("g16.png", enc(Image.fromarray(g16), "PNG"), (96, 64)),
+        "alpha PNG": ("alpha.png", enc(Image.fromarray(a, "RGBA"), "PNG"), (96, 64)),
+        "palette PNG": ("pal.png", enc(photo().convert("P", palette=Image.ADAPTIVE, colors=8), "PNG"), (96, 64)),
+        "grayscale JPEG": ("gray.jpg", enc(photo().convert("L"), "JPEG"), (96, 64)),
+        "EXIF-rotated JPEG": ("rot.jpg", exif_rotated_jpeg(), (40, 80)),
+        "animated GIF": ("anim.gif", gif_animation(), (96, 64)),
+        "WebP": ("p.webp", enc(photo(), "WEBP"), (96, 64)),
+        "BMP": ("p.bmp", enc(photo(), "BMP"), (96, 64)),
+        "TIFF": ("p.tiff", enc(photo(), "TIFF"), (96, 64)),
+    }
+
+
+# =========================================================================== services
+
+def test_services_does_not_import_streamlit():
+    code = "import sys; import app.services; print('streamlit' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_list_models_order_and_broken(models, tmp_path):
+    names = [m.name for m in sv.list_models(models)]
+    assert names == ["show_attend_tell", "show_tell", "merge"]
+    ms = {m.name: m for m in sv.list_models(models)}
+    assert ms["show_attend_tell"].has_attention and not ms["show_tell"].has_attention
+    assert all(m.error is None for m in ms.values())
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    (tmp_path / "not_a_model").mkdir()
+    out = sv.list_models(tmp_path)
+    assert [m.name for m in out] == ["broken"] and "not valid JSON" in out[0].error
+    assert sv.list_models(tmp_path / "missing") == []
+    assert "No trained model" in sv.no_models_message(tmp_path)
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_decode_bad_files_raise_one_line(kind):
+    with pytest.raises(ImageError) as e:
+        sv.decode_image(bad_bytes(kind))
+    msg = str(e.value)
+    assert "\n" not in msg and BAD_FILES[kind][2].lower() in msg.lower(), msg
+
+
+@pytest.mark.parametrize("kind", list(odd_images()))
+def test_decode_odd_images(kind):
+    name, data, size = odd_images()[kind]
+    im = sv.decode_image(data)
+    assert im.mode == "RGB" and im.size == size
+
+
+def test_display_copy_and_digest():
+    im = photo(2000, 1000)
+    d = sv.display_copy(im)
+    assert max(d.size) == sv.DISPLAY_SIDE and d.size[0] == 2 * d.size[1] and im.size == (2000, 1000)
+    assert sv.digest(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert sv.image_note(im, enc(im, "PNG")).startswith("PNG RGB 2000x1000")
+
+
+def test_word_labels_are_unique():
+    labels = sv.word_labels(["a", "dog", "and", "a", "cat"])
+    assert len(set(labels)) == 5 and labels[1] == "dog"
+
+
+def test_cider_d_matches_pycocoevalcap_on_its_own_corpus():
+    """With document frequencies from the evaluated corpus, our CIDEr-D equals pycocoevalcap's."""
+    from pycocoevalcap.cider.cider import Cider
+
+    refs = {"1": ["a dog runs on the grass", "a brown dog running", "the dog is running outside"],
+            "2": ["two dogs play in the snow", "dogs playing in snow", "two dogs in the snow"],
+            "3": ["a man rides a red bike", "a man on a bike", "a person riding a red bicycle"]}
+    preds = {"1": "a dog runs on grass", "2": "two dogs play in the snow", "3": "a dog on a bike"}
+    ref_scores = Cider().compute_score(refs, {k: [v] for k, v in preds.items()})[1]
+    df = sv.doc_freq_from_refs(refs)
+    ours = [sv.cider_d(preds[k], refs[k], df) for k in refs]
+    assert np.allclose(ours, ref_scores, atol=1e-9), (ours, ref_scores)
+
+
+def test_per_image_scores_with_fixed_doc_freq():
+    refs = ["two dogs play in the snow", "dogs playing in snow", "two brown dogs in the snow"]
+    df = sv.doc_freq_from_refs({"a": refs, "b": ["a man on a bike"], "c": ["a cat on a mat"], "d": ["a red car"]})
+    good = sv.per_image_scores("two dogs play in the snow", refs, df)
+    bad = sv.per_image_scores("a man rides a bike", refs, df)
+    assert set(good) == {"BLEU-4", "CIDEr"}
+    assert good["BLEU-4"] > 0.5 > bad["BLEU-4"] and good["CIDEr"] > 1.0 > bad["CIDEr"] >= 0.0
+
+
+def test_training_doc_freq_from_flickr8k(flickr8k_dir):
+    df = sv.training_doc_freq()
+    assert df is not None and df.n_images >= 5000
+    assert df.df[("dog",)] > 500 and df.df[("a",)] > df.df[("dog",)]
+
+
+def test_caption_service_and_maps(models):
+    cap = sv.load_captioner(str(models / "show_attend_tell"), encoder=None)
+    im = photo()
+    out = sv.caption(cap, im, beam_size=3, nbest=5)
+    assert len(out.captions) == 3  # nbest clipped to the beam
+    assert out.attention is not None and out.attention.shape[1:] == (7, 7)
+    assert out.attention.shape[0] in (len(out.words), len(out.words) + 1)
+    assert out.lattice
+    maps = sv.grad_cam_all(cap, im, out.tokens)
+    assert len(maps) == len(out.words) + 1 and maps[0].shape == (224, 224)
+    ov = sv.attention_overlay(sv.display_copy(im), out.attention, 0)
+    assert ov.shape == (64, 96, 3) and 0 <= ov.min() and ov.max() <= 1
+    assert sv.attention_overlay(im, None, 0) is None
+    fig = sv.beam_tree_figure(out.lattice, cap.vocab, out.tokens, out.best["finished"])
+    assert len(fig.data) >= 2
+    with pytest.raises(sv.NotAvailable):
+        sv.beam_tree_figure(None, cap.vocab)
+
+
+def test_model_files_and_published_numbers(models, tmp_path):
+    p = str(models / "show_attend_tell")
+    assert "Tiny test model" in sv.model_card(p)
+    assert sv.test_metrics(p)["CIDEr"] == pytest.approx(0.321)
+    rows = sv.training_curves(p)
+    assert [r["epoch"] for r in rows] == [1.0, 2.0] and rows[1]["val_cider"] == pytest.approx(0.35)
+    assert len(sv.curves_figure(rows).data) == 4
+    table = sv.metrics_table({"show_attend_tell": sv.test_metrics(p), "show_tell": None})
+    assert table[0]["model"] == "show_attend_tell" and table[0]["BLEU-4"] == pytest.approx(0.111)
+    soft = next(r for r in table if "soft" in r["model"])
+    hard = next(r for r in table if "hard" in r["model"])
+    assert (soft["BLEU-4"], soft["METEOR"], hard["BLEU-4"], hard["METEOR"]) == (0.195, 0.1893, 0.213, 0.2030)
+    assert all(r["source"] for r in table)
+    # Broken or missing files: None, never an exception.
+    (tmp_path / "metrics.json").write_text("[1, 2")
+    (tmp_path / "metrics.csv").write_text("")
+    assert sv.test_metrics(str(tmp_path)) is None and sv.training_curves(str(tmp_path)) is None
+    assert sv.model_card(str(tmp_path)) is None
+
+
+# =========================================================================== pages
+
+def test_no_models_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIONING_MODELS_DIR", str(tmp_path))
+    at = app()
+    no_exceptions(at)
+    assert any("No trained model" in e.value for e in at.sidebar.error)
+    assert any("No trained model" in w.value for w in at.warning)
+    for page in ("views/explain.py", "views/encoder.py", "views/embeddings.py", "views/model.py"):
+        at.switch_page(page).run()
+        no_exceptions(at)
+        assert any("No trained model" in w.value for w in at.warning), page
+
+
+def test_broken_model_is_reported(tmp_path, models, monkeypatch):
+    import shutil
+
+    shutil.copytree(models / "show_tell", tmp_path / "show_tell")
+    (tmp_path / "show_tell" / "model.safetensors").write_bytes(b"garbage")
+    monkeypatch.setenv("CAPTIONING_MODELS_DIR", str(tmp_path))
+    at = app()
+    no_exceptions(at)
+    assert any("cannot be loaded" in e.value and "model.safetensors" in e.value for e in at.error)
+
+
+def test_caption_page_sample(models):
+    at = app()
+    no_exceptions(at)
+    assert at.radio(key="source").value == "Sample photo"
+    assert list(at.selectbox(key="model_name").options) == ["Show, Attend and Tell", "Show and Tell", "Merge"]
+    text = best_caption(at)
+    assert text, "no caption shown"
+    nbest = at.dataframe[0].value
+    assert len(nbest) == 3 and list(nbest.columns)[:3] == ["#", "caption", "log-prob"]
+    assert (nbest["log-prob"] <= 0).all() and nbest["caption"].iloc[0] == text
+    # The words are clickable; the first is selected and its two overlays shown beside the photo.
+    pills = at.pills[0]
+    assert pills.value == 0 and len(pills.options) == len(text.split())
+    assert len(at.image) == 4  # photo, photo again, attention, Grad-CAM
+    if len(pills.options) > 1:
+        pills.set_value(1).run()
+        no_exceptions(at)
+        assert at.pills[0].value == 1 and len(at.image) == 4
+    # Another attribution method for the selected word.
+    assert at.selectbox(key="caption_method").value == "grad_cam"
+    assert "attention" not in at.selectbox(key="caption_method").options
+    at.selectbox(key="caption_method").set_value("smoothgrad").run()
+    no_exceptions(at)
+    assert len(at.image) == 4 and not at.info
+    assert not at.error
+
+
+def test_caption_settings_change_result(models):
+    at = app()
+    at.slider(key="beam").set_value(5).run()
+    at.slider(key="nbest").set_value(5).run()
+    no_exceptions(at)
+    assert len(at.dataframe[0].value) == 5
+    at.slider(key="beam").set_value(2).run()  # n-best is clipped to the beam
+    assert len(at.dataframe[0].value) == 2
+    at.slider(key="length_penalty").set_value(1.0).run()
+    no_exceptions(at)
+    assert best_caption(at)
+
+
+def test_model_without_attention(models):
+    at = app()
+    at.selectbox(key="model_name").set_value("show_tell").run()
+    assert at.selectbox(key="model_name").value == "show_tell"
+    no_exceptions(at)
+    assert best_caption(at)
+    assert any("has no attention" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_bad_upload_shows_error_and_app_recovers(kind):
+    at = app()
+    name, _, words = BAD_FILES[kind]
+    upload(at, name, bad_bytes(kind))
+    errs = [e.value for e in at.error]
+    assert errs and words.lower() in errs[0].lower() and "Choose another photo" in errs[0], errs
+    assert best_caption(at) is None
+    # Still usable: a good photo is captioned right after.
+    upload(at, "good.png", enc(photo(), "PNG"), "image/png")
+    assert not at.error and best_caption(at)
+
+
+@pytest.mark.parametrize("kind", list(odd_images()))
+def test_odd_upload_is_captioned(kind):
+    at = app()
+    name, data, size = odd_images()[kind]
+    upload(at, name, data)
+    assert not at.error, [e.value for e in at.error]
+    assert best_caption(at)
+    cur = at.session_state["current"]
+    assert cur.image.mode == "RGB" and cur.image.size == size
+
+
+def test_flickr8k_photo_with_references_and_scores(flickr8k_dir):
+    at = app()
+    assert "Flickr8k test photo" in at.radio(key="source").options
+    at.radio(key="source").set_value("Flickr8k test photo").run()
+    no_exceptions(at)
+    name = at.selectbox(key="flickr").value
+    refs = sv.flickr_references(name)
+    assert len(refs) == 5
+    md = "\n".join(m.value for m in at.markdown)
+    assert refs[0].split()[0] in md and "Reference captions" in md
+    labels = [m.label for m in at.metric]
+    assert "BLEU-4 (this photo)" in labels and "CIDEr-D (this photo)" in labels
+
+
+def test_explain_page(models):
+    at = app()
+    n_words = len(at.pills[0].options)
+    at.switch_page("views/explain.py").run()
+    no_exceptions(at)
+    assert at.selectbox(key="gallery_method").value == "grad_cam"
+    assert len(at.image) == n_words  # the Grad-CAM gallery: one overlay per word
+    at.selectbox(key="gallery_method").set_value("attention").run()
+    no_exceptions(at)
+    assert len(at.image) == n_words
+    # Side by side: cheap methods first, with the deletion/insertion check.
+    at.session_state["cmp_methods"] = ["grad_cam", "attention"]
+    at.segmented_control(key="explain_section").set_value("Methods side by side").run()
+    no_exceptions(at)
+    assert len(at.image) == 2
+    table = at.dataframe[0].value
+    assert list(table["method"]) == ["Grad-CAM", "Attention"]
+    assert set(table["beats random"]) <= {"yes", "NO"}
+    assert table["deletion AUC ↓"].between(0, 1).all() and table["insertion AUC ↑"].between(0, 1).all()
+    assert at.warning or at.success
+    assert len(at.get("plotly_chart")) == 1
+    # A perturbation method for one word, check off.
+    at.toggle(key="run_faith").set_value(False).run()
+    at.multiselect(key="cmp_methods").set_value(["occlusion"]).run()
+    no_exceptions(at)
+    assert len(at.image) == 1 and not at.dataframe and not at.error
+    at.segmented_control(key="explain_section").set_value("Beam-search tree").run()
+    no_exceptions(at)
+    assert not at.info, [i.value for i in at.info]
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_explain_without_attention(models):
+    at = app()
+    at.selectbox(key="model_name").set_value("merge").run()
+    at.switch_page("views/explain.py").run()
+    no_exceptions(at)
+    assert "attention" not in at.selectbox(key="gallery_method").options
+
+
+def test_encoder_page(models):
+    at = app()
+    at.switch_page("views/encoder.py").run()
+    no_exceptions(at)
+    top = at.dataframe[0].value
+    assert len(top) == 5 and top["probability"].is_monotonic_decreasing
+    assert at.selectbox(key="enc_layer").value == "head"
+    at.selectbox(key="enc_layer").set_value("stage1.block0").run()
+    no_exceptions(at)
+    assert len([i for i in at.image]) >= 1 + 8
+    at.select_slider(key="fv_steps").set_value(32).run()
+    at.button(key="fv_go").click().run()
+    no_exceptions(at)
+    assert any("channel" in (getattr(i, "caption", "") or "") for i in at.image) or len(at.image) >= 10
+
+
+def test_embeddings_page(models):
+    at = app()
+    at.switch_page("views/embeddings.py").run()
+    no_exceptions(at)
+    assert len(at.get("plotly_chart")) == 1
+    at.text_input(key="emb_query").set_value("dog").run()
+    no_exceptions(at)
+    assert any("Nearest neighbours of “dog”" in s.value for s in at.subheader)
+    nn = at.dataframe[0].value
+    assert len(nn) == 10 and "dog" not in list(nn["word"]) and nn["cosine similarity"].is_monotonic_decreasing
+    at.text_input(key="emb_query").set_value("dgo").run()  # misspelt: closest words offered
+    no_exceptions(at)
+    assert "dog" in at.selectbox(key="emb_pick").options
+    at.text_input(key="emb_query").set_value("zzzzqx").run()
+    no_exceptions(at)
+    assert any("not in the vocabulary" in w.value for w in at.warning)
+    at.radio(key="emb_method").set_value("pca").run()
+    no_exceptions(at)
+
+
+def test_model_page(models):
+    at = app()
+    at.switch_page("views/model.py").run()
+    no_exceptions(at)
+    md = "\n".join(m.value for m in at.markdown)
+    assert "Tiny test model" in md
+    table = at.dataframe[0].value
+    assert table["model"].iloc[0] == "show_attend_tell" and any("Xu et al. 2015" in s for s in table["source"])
+    assert table["BLEU-4"].iloc[0] == "0.111" and table["CIDEr"].iloc[-1] == "—"
+    assert len(at.get("plotly_chart")) == 1  # training curves
+    compare = [m.value for m in at.markdown if 'class="compare-caption"' in m.value]
+    assert len(compare) == 3
+
+
+def test_missing_explain_functions_show_a_note(models, monkeypatch):
+    """If part of explain/ is missing, that spot says so and the rest of the page works."""
+    import explain.beam
+    import explain.embeddings
+    import explain.encoder
+
+    monkeypatch.delattr(explain.beam, "beam_tree")
+    monkeypatch.delattr(explain.embeddings, "bundle_projection")
+    monkeypatch.delattr(explain.encoder, "layer_info")
+    import streamlit as st
+
+    st.cache_data.clear()  # earlier tests cached these results
+    at = app()
+    at.switch_page("views/explain.py").run()
+    at.segmented_control(key="explain_section").set_value("Beam-search tree").run()
+    no_exceptions(at)
+    assert any("not available" in i.value and "beam_tree" in i.value for i in at.info)
+    at.switch_page("views/embeddings.py").run()
+    no_exceptions(at)
+    assert any("not available" in i.value for i in at.info)
+    at.switch_page("views/encoder.py").run()
+    no_exceptions(at)
+    assert len(at.dataframe[0].value) == 5  # ImageNet top-5 still shown
+    assert any("not available" in i.value for i in at.info)

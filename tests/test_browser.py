@@ -1,0 +1,268 @@
+"""End to end in a real browser: the Streamlit server on a free local port, Debian's Chromium
+driven by Playwright.
+
+One session uploads a Flickr8k photo of dogs and expects a caption about a dog, clicks a word
+and sees its overlays, searches a word on the Embeddings page, uploads a broken file and sees
+the error, then a good photo again. Five more pages then caption at the same time. The time
+from handing a file to the upload widget until its caption is on screen is measured (warm
+model) and written to test-artifacts/browser_timings.json with the screenshots.
+
+Skips, saying why, without Chromium, Playwright, the Flickr8k folder or a trained model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync"]
+WARM_TARGET_S = 1.5
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+pytestmark = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------- preconditions
+
+def _requirements():
+    """(dog photo paths, other photo paths) or pytest.skip with the reason."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright)")
+    from app import services as sv
+
+    if sv.flickr_dataset() is None:
+        pytest.skip("Flickr8k not found at ../shared/data/flickr8k")
+    models = [m for m in sv.list_models() if not m.error]
+    if not models:
+        pytest.skip(f"no trained model in {sv.models_dir()} (the browser test needs a real captioner)")
+    dogs = sv.find_photos_mentioning("dog", "test", min_refs=5)
+    if len(dogs) < 2:
+        pytest.skip("no Flickr8k test photo whose five references all mention a dog")
+    others = [n for n in sv.flickr_test_photos() if n not in dogs][:6]
+    ds = sv.flickr_dataset()
+    return [ds.path(n) for n in dogs[:2]], [ds.path(n) for n in others]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    dogs, others = _requirements()
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "streamlit_server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app" / "main.py"),
+                             "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"streamlit did not start; see {ARTIFACTS / 'streamlit_server.log'}")
+            time.sleep(0.5)
+        yield {"url": url, "dogs": dogs, "others": others}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+CAPTION_JS = "() => { const e = document.querySelector('.best-caption'); return e && e.textContent.trim().length > 0 }"
+
+
+def open_app(browser, url: str, timeout_s: float = 240):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    # The default sample photo is captioned first: this also loads (warms) the model.
+    page.wait_for_function(CAPTION_JS, timeout=timeout_s * 1000)
+    return page
+
+
+def sidebar(page):
+    return page.locator('[data-testid="stSidebar"]')
+
+
+def choose_upload(page) -> None:
+    sidebar(page).locator("label").filter(has_text=re.compile(r"^Upload$")).first.click()
+    sidebar(page).locator("input[type=file]").wait_for(state="attached")
+    page.wait_for_function("() => !document.querySelector('.best-caption')", timeout=60_000)
+
+
+def upload(page, file) -> float:
+    """Give the uploader a file (path or payload); seconds until a caption is on screen (or -1)."""
+    t0 = time.perf_counter()
+    sidebar(page).locator("input[type=file]").set_input_files(file)
+    page.wait_for_function(CAPTION_JS + "", timeout=120_000)
+    return time.perf_counter() - t0
+
+
+def caption_text(page) -> str:
+    return page.locator(".best-caption").first.inner_text().strip()
+
+
+def wait_caption_changed(page, old: str, timeout_s: float = 120) -> float:
+    t0 = time.perf_counter()
+    page.wait_for_function(
+        "(old) => { const e = document.querySelector('.best-caption');"
+        " return e && e.textContent.trim().length > 0 && e.textContent.trim() !== old }", arg=old,
+        timeout=timeout_s * 1000)
+    return time.perf_counter() - t0
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+# --------------------------------------------------------------------------- the tests
+
+def test_end_to_end(server, browser):
+    timings: dict[str, object] = {}
+    page = open_app(browser, server["url"])
+    shot(page, "01_start_sample")
+    choose_upload(page)
+
+    # 1. A photo of dogs: caption about a dog, on screen quickly.
+    dog = server["dogs"][0]
+    timings["upload_dog_s"] = upload(page, str(dog))
+    text = caption_text(page)
+    timings["dog_caption"] = text
+    page.get_by_text("Grad-CAM for").first.wait_for(timeout=60_000)
+    shot(page, "02_dog_caption")
+    assert re.search(r"\bdogs?\b", text), f"caption of {dog.name} does not mention a dog: {text!r}"
+
+    # 2. Click a word: its overlays appear.
+    buttons = page.locator('[data-testid="stButtonGroup"] button')
+    buttons.first.wait_for(timeout=60_000)
+    page.get_by_text("Grad-CAM for").first.wait_for(timeout=60_000)
+    labels = [b.inner_text().strip() for b in buttons.all()]
+    assert labels, "no clickable words"
+    pick = next((i for i, w in enumerate(labels) if w in ("dog", "dogs")), min(1, len(labels) - 1))
+    word = labels[pick]
+    buttons.nth(pick).click()
+    page.get_by_text(f"Grad-CAM for “{word}”").wait_for(timeout=60_000)
+    if page.get_by_text("has no attention").count() == 0:
+        page.get_by_text(f"attention for “{word}”").wait_for(timeout=60_000)
+    shot(page, "03_word_overlay")
+
+    # 3. Embeddings: search a word, its neighbours are listed.
+    page.get_by_role("link", name=re.compile("Embeddings")).click()
+    box = page.get_by_label("Search a word")
+    box.wait_for(timeout=300_000)
+    box.fill("dog")
+    box.press("Enter")
+    page.get_by_text("Nearest neighbours of “dog”").wait_for(timeout=300_000)
+    page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=60_000)
+    shot(page, "04_embeddings_search")
+
+    # 4. Back to Caption; a broken file gets a clear error, the app stays usable.
+    page.get_by_role("link", name=re.compile("Caption")).click()
+    page.wait_for_function(CAPTION_JS, timeout=120_000)
+    sidebar(page).locator("input[type=file]").set_input_files(
+        {"name": "broken.jpg", "mimeType": "image/jpeg", "buffer": b"\xff\xd8\xff\xe0 this is not really a JPEG"})
+    err = page.locator('[data-testid="stAlert"]').filter(has_text="Cannot use this file")
+    err.first.wait_for(timeout=60_000)
+    assert "broken.jpg" in err.first.inner_text()
+    shot(page, "05_broken_file_error")
+
+    # 5. A good photo again: captioned, error gone.
+    good = server["dogs"][1]
+    timings["upload_good_again_s"] = upload(page, str(good))
+    assert page.locator('[data-testid="stAlert"]').filter(has_text="Cannot use this file").count() == 0
+    timings["good_again_caption"] = caption_text(page)
+    shot(page, "06_good_photo_again")
+    page.close()
+
+    timings["warm_target_s"] = WARM_TARGET_S
+    (ARTIFACTS / "browser_timings.json").write_text(json.dumps(timings, indent=2))
+    print("\nbrowser timings:", json.dumps(timings))
+    worst = max(timings["upload_dog_s"], timings["upload_good_again_s"])
+    if worst > WARM_TARGET_S:
+        # Reported, not failed: a loaded CI machine must not make the suite flaky.
+        print(f"warning: warm caption latency {worst:.2f} s is over the {WARM_TARGET_S} s target")
+
+
+def test_five_pages_caption_at_once(server, browser):
+    photos = server["others"][:5]
+    if len(photos) < 5:
+        pytest.skip("fewer than five other Flickr8k test photos")
+    pages = []
+    t0 = time.perf_counter()
+    for _ in range(5):  # open all first: their first runs overlap too
+        p = browser.new_page(viewport={"width": 1200, "height": 900})
+        p.set_default_timeout(120_000)
+        p.goto(server["url"])
+        pages.append(p)
+    for p in pages:
+        p.wait_for_function(CAPTION_JS, timeout=240_000)
+    for p in pages:
+        choose_upload(p)
+    start = time.perf_counter()
+    for p, f in zip(pages, photos):  # hand over all five files, then wait for all five captions
+        sidebar(p).locator("input[type=file]").set_input_files(str(f))
+    texts = []
+    for p in pages:
+        p.wait_for_function(CAPTION_JS, timeout=240_000)
+        texts.append(caption_text(p))
+        assert p.locator('[data-testid="stAlert"]').filter(has_text="Cannot use").count() == 0
+        assert p.locator('[data-testid="stException"]').count() == 0
+    elapsed = time.perf_counter() - start
+    shot(pages[-1], "07_concurrent_page5")
+    for p in pages:
+        p.close()
+    assert all(texts) and len(texts) == 5
+    out = ARTIFACTS / "browser_timings.json"
+    d = json.loads(out.read_text()) if out.is_file() else {}
+    d["five_pages_all_captioned_s"] = elapsed
+    d["five_pages_open_s"] = start - t0
+    d["five_pages_captions"] = texts
+    out.write_text(json.dumps(d, indent=2))
+    print("\nfive pages:", elapsed, texts)
