@@ -32,7 +32,7 @@ with right:
                    "ended": "yes" if c["finished"] else "no (max length)"} for i, c in enumerate(out.captions)],
                  hide_index=True, width="stretch",
                  column_config={"#": st.column_config.NumberColumn("#", width=40),
-                                "caption": st.column_config.TextColumn("caption", width="medium")})
+                                "caption": st.column_config.TextColumn("caption", width="large")})
 
     if cur.flickr_name:
         refs = sv.flickr_references(cur.flickr_name)
