@@ -49,7 +49,7 @@ def main() -> None:
         images = [load_sample(n) for n in sample_names()]
         images = (images * (a.batch // len(images) + 1))[: a.batch]
     one = images[:1]
-    px1, px64 = cap.pixels(one), cap.pixels(images)
+    _px1, px64 = cap.pixels(one), cap.pixels(images)
     settings = {"greedy": dict(method="greedy"), "beam 3": dict(beam_size=3), "beam 5": dict(beam_size=5)}
 
     enc1 = median_time(lambda: cap.encode(cap.pixels(one)), a.runs)

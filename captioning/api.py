@@ -1,7 +1,7 @@
 """The public API: ``Captioner.from_pretrained(path).caption(images)``."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .decoders import Decoder, State
+from .decoders import Decoder
 
 
 @dataclass(frozen=True)

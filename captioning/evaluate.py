@@ -15,7 +15,6 @@ from .api import Captioner
 from .bundle import DEFAULT_MODEL
 from .data import load_dataset, resolve_data_dir
 from .features import FeatureCache, find_cache
-from .images import Preprocessing
 from .metrics import score_captions
 
 
