@@ -467,6 +467,13 @@ def overlay(image: Image.Image, m: np.ndarray, alpha: float = 0.5, signed: bool 
     return np.clip((1 - alpha) * img + alpha * colormaps["jet"](mm)[..., :3], 0, 1).astype(np.float32)
 
 
+def model_pixels(captioner, image: Image.Image):
+    """The normalised (3, S, S) tensor the model sees, with the bundle's own preprocessing."""
+    from captioning.images import preprocess
+
+    return preprocess(image, captioner.prep)
+
+
 def to_uint8(a: np.ndarray) -> np.ndarray:
     """A float image in [0, 1] -> uint8 (four times smaller in a cache)."""
     return (np.clip(np.asarray(a, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -545,7 +552,7 @@ def faithfulness(captioner, image: Image.Image, tokens: Sequence[int], t: int, m
     rand_fn = _need("faithfulness", "random_baselines")
     out = []
     with COMPUTE_LOCK:
-        pixels = _need("_utils", "as_pixels")(image, captioner.prep)
+        pixels = model_pixels(captioner, image)
         rand = rand_fn(captioner, pixels, list(tokens), int(t), steps=steps)
         for method, m in maps.items():
             r = run(captioner, pixels, list(tokens), int(t), m, steps=steps, random_curves=rand)
@@ -650,7 +657,7 @@ def imagenet_top5(captioner, image: Image.Image, k: int = 5) -> list[tuple[str, 
     with COMPUTE_LOCK:
         try:
             fn = _need("encoder", "imagenet_top5")
-            pixels = _need("_utils", "as_pixels")(image, captioner.prep)
+            pixels = model_pixels(captioner, image)
             return fn(captioner.encoder, pixels, k)
         except NotAvailable:
             return captioner.classify(image, k)
@@ -670,7 +677,7 @@ def top_channel_maps(captioner, image: Image.Image, layer: str, k: int = 8) -> l
     top_fn = _need("encoder", "top_channels")
     montage = _need("encoder", "channel_montage")
     with COMPUTE_LOCK:
-        pixels = _need("_utils", "as_pixels")(image, captioner.prep)
+        pixels = model_pixels(captioner, image)
         acts = acts_fn(captioner.encoder, pixels, layer)
     top = top_fn(acts, k)
     views = montage(image, acts, [c for c, _ in top])
