@@ -11,8 +11,8 @@ from .bundle import MODELS_DIR, load_bundle
 PUBLISHED = {
     "show_attend_tell": "Xu et al. 2015 (Show, Attend and Tell), Flickr8k, Table 1: soft attention BLEU-4 0.195, "
                         "METEOR 0.189; hard attention BLEU-4 0.213, METEOR 0.203.",
-    "show_tell": "Vinyals et al. 2015 (Show and Tell) report BLEU-1 0.63 on Flickr8k; Xu et al. 2015 list a "
-                 "Google NIC BLEU-4 of 0.27 on Flickr8k that they took from the NIC paper's setting.",
+    "show_tell": "Vinyals et al. 2015 (Show and Tell) report BLEU-1 0.63 on Flickr8k; Xu et al. 2015, Table 1, "
+                 "list Google NIC on Flickr8k as BLEU-1/2/3 0.63/0.41/0.27 (no BLEU-4 given).",
     "merge": "Tanti et al. 2018 compare inject and merge on Flickr8k/30k/MSCOCO with their own settings; "
              "their absolute numbers are not comparable one-to-one (different encoder and vocabulary).",
 }
