@@ -36,8 +36,6 @@ MAX_UPLOAD_MB = 20
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 #: Images are shown (and overlays drawn) at most this many pixels on their long side.
 DISPLAY_SIDE = 512
-#: The model is given the photo at most this large (it is resized to 224x224 inside anyway).
-MODEL_SIDE = 1024
 #: Preferred order of the shipped decoders; others follow alphabetically.
 MODEL_ORDER = ("show_attend_tell", "show_tell", "merge")
 DECODER_TITLES = {"show_attend_tell": "Show, Attend and Tell", "show_tell": "Show and Tell", "merge": "Merge"}
@@ -159,10 +157,7 @@ def image_error_message(label: str, e: Exception) -> str:
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Bytes -> upright 8-bit RGB (any mode, EXIF rotation, first frame). Raises ImageError."""
     check_upload(data)
-    im = load_image(bytes(data), max_pixels=max_pixels)
-    if im.mode != "RGB":  # pragma: no cover - load_image guarantees RGB
-        im = im.convert("RGB")
-    return im
+    return load_image(bytes(data), max_pixels=max_pixels)
 
 
 def display_copy(im: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
