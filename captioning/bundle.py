@@ -55,6 +55,7 @@ def save_bundle(folder: str | Path, decoder: Decoder, vocab: Vocab, encoder: str
         **(extra or {}),
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is for everyone to read
     try:
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
         vocab.save(tmp / VOCAB)

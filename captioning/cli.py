@@ -81,7 +81,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    res = evaluate(a.model, a.data, split=a.split, beam_size=a.beam, limit=a.limit, features=a.features,
+    res = evaluate(a.model[0] if a.model and len(a.model) == 1 else a.model, a.data, split=a.split, beam_size=a.beam, limit=a.limit, features=a.features,
                    length_penalty=a.length_penalty, out=a.out)
     if a.json:
         print(json.dumps(res, indent=2))
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     v = sub.add_parser("evaluate", help="score a model on a split (BLEU, METEOR, ROUGE-L, CIDEr)")
-    v.add_argument("--model", default=None)
+    v.add_argument("--model", default=None, nargs="+", help="model folder; several make an ensemble")
     v.add_argument("--data", default=None)
     v.add_argument("--split", default="test")
     v.add_argument("--beam", type=int, default=3)

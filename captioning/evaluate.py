@@ -18,7 +18,7 @@ from .features import FeatureCache, find_cache
 from .metrics import score_captions
 
 
-def evaluate(model: str | Path | None = None, data: str | Path | None = None, split: str = "test",
+def evaluate(model: str | Path | list | None = None, data: str | Path | None = None, split: str = "test",
              beam_size: int = 3, limit: int = 0, features: str | Path | None = None, length_penalty: float = 0.0,
              out: str | Path | None = None, batch_size: int = 64, use_java: Optional[bool] = None,
              progress: bool = True) -> dict:
@@ -27,14 +27,17 @@ def evaluate(model: str | Path | None = None, data: str | Path | None = None, sp
     Uses the feature cache when one matches the model's encoder and preprocessing (same
     numbers, no encoder pass); otherwise runs the encoder. Writes ``metrics.json`` (or
     ``metrics_<split>.json`` for other splits) and ``captions_<split>.json`` to ``out``
-    (default: the model folder).
+    (default: the model folder). A list of model folders is evaluated as one ensemble.
 
     Returns:
         {"metrics": {...}, "notes": [...], "tokenizer": ..., "split", "n_images", "beam_size", "seconds"}
     """
     t0 = time.time()
-    model = Path(model) if model else DEFAULT_MODEL
-    cap = Captioner.from_pretrained(model)
+    models = [Path(m) for m in model] if isinstance(model, (list, tuple)) else [Path(model) if model else DEFAULT_MODEL]
+    if len(models) > 1 and out is None:
+        raise ValueError("an ensemble's results need --out DIR")
+    model = models[0]
+    cap = Captioner.from_pretrained(models)
     ds = load_dataset(data)
     images = ds.split(split)
     if limit:
@@ -59,7 +62,7 @@ def evaluate(model: str | Path | None = None, data: str | Path | None = None, sp
         for n, r in zip(names, cap.caption_features(grid, pooled, beam_size=beam_size, length_penalty=length_penalty)):
             preds[n] = r.text
     s = score_captions(preds, {n: ds.captions[n] for n in images}, use_java=use_java, per_image=True)
-    res = {"model": str(model), "split": split, "n_images": len(images), "beam_size": beam_size,
+    res = {"model": [str(m) for m in models] if len(models) > 1 else str(model), "split": split, "n_images": len(images), "beam_size": beam_size,
            "length_penalty": length_penalty, "metrics": {k: round(v, 4) for k, v in s.metrics.items()},
            "tokenizer": s.tokenizer, "notes": s.notes, "features_from_cache": cache is not None,
            "seconds": round(time.time() - t0, 1)}
