@@ -104,7 +104,7 @@ def test_model_randomisation_changes_the_map_and_leaves_the_model_alone():
 
 
 def _trained_model() -> Path | None:
-    for cand in (REPO / "assets" / "models" / "show_attend_tell", Path("/work/runs/sat/best")):
+    for cand in (REPO / "assets" / "models" / "show_attend_tell",):
         if (cand / "model.safetensors").is_file() and (cand / "config.json").is_file():
             return cand
     return None
@@ -120,7 +120,7 @@ def _data_dir() -> Path | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_trained_model() is None,
-                    reason="needs a trained bundle: assets/models/show_attend_tell (or /work/runs/sat/best)")
+                    reason="needs a trained bundle: assets/models/show_attend_tell")
 @pytest.mark.skipif(_data_dir() is None, reason="needs the Flickr8k data in ../shared/data/flickr8k")
 def test_grad_cam_deletion_auc_below_random_on_trained_model():
     # 24 words (12 test images x 2 content words); the random baseline of each word is the
