@@ -61,7 +61,7 @@ def load_captioner(model: str | None):
     from captioning.encoders import build_encoder
     from captioning.vocab import Vocab
 
-    for cand in [model, DEFAULT_MODEL, "/work/runs/sat/best"]:
+    for cand in [model, DEFAULT_MODEL]:
         if cand and Path(cand).is_dir() and (Path(cand) / "model.safetensors").is_file():
             return Captioner.from_pretrained(cand), str(cand)
     torch.manual_seed(0)
