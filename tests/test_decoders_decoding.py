@@ -222,7 +222,7 @@ def test_overfit_small_set(variant):
 
 # --- the reference beam search (tests/reference_beam.py) ---------------------------------------
 
-from tests.reference_beam import norm, reference_beam_search  # noqa: E402
+from reference_beam import norm, reference_beam_search  # noqa: E402
 
 
 def assert_same_hyps(got: list[Hypothesis], want: list[Hypothesis], ctx=""):
