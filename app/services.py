@@ -36,6 +36,9 @@ MAX_UPLOAD_MB = 20
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 #: Images are shown (and overlays drawn) at most this many pixels on their long side.
 DISPLAY_SIDE = 512
+#: The model is given the photo at most this large (it is stretched to 224x224 anyway, and a
+#: 50-megapixel photo should not sit in the per-image cache).
+MODEL_SIDE = 1024
 #: Preferred order of the shipped decoders; others follow alphabetically.
 MODEL_ORDER = ("show_attend_tell", "show_tell", "merge")
 DECODER_TITLES = {"show_attend_tell": "Show, Attend and Tell", "show_tell": "Show and Tell", "merge": "Merge"}
