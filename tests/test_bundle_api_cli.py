@@ -118,6 +118,22 @@ def test_encoder_classifies_a_real_photo(encoder, vocab, decoder):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
 
 
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_pretrained_encoders_see_the_cat(name):
+    """Both shipped-weight encoders give a 7x7x1280 grid at 224 px and recognise a real photo
+    (scikit-image's Chelsea) as a cat: the ImageNet weights really loaded, with the right preprocessing."""
+    from captioning.images import preprocess
+    from captioning.samples import load_sample
+
+    enc = build_encoder(name)
+    x = preprocess(load_sample("chelsea (cat)"))[None]
+    with torch.no_grad():
+        grid, pooled = enc(x)
+        top3 = [imagenet_classes()[i] for i in enc.classify(x).topk(3).indices[0]]
+    assert grid.shape == (1, 49, 1280) and pooled.shape == (1, 1280)
+    assert any(c in top3 for c in ("tabby", "tiger cat", "Egyptian cat")), top3
+
+
 def test_unknown_encoder_lists_valid_names():
     with pytest.raises(KeyError) as e:
         build_encoder("vgg16")
