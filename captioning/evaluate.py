@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from .api import Captioner
@@ -54,9 +53,7 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
     for i in tqdm(range(0, len(images), batch_size), desc=f"captioning {split}", disable=not progress, unit="batch"):
         names = images[i:i + batch_size]
         if cache is not None:
-            rows = np.asarray([index[n] for n in names])
-            grid = torch.from_numpy(np.asarray(cache.grid[rows])).float()
-            pooled = torch.from_numpy(np.asarray(cache.pooled[rows])).float()
+            grid, pooled = cache.batch(np.asarray([index[n] for n in names]))
         else:
             grid, pooled = cap.encode(cap.pixels([ds.path(n) for n in names]))
         for n, r in zip(names, cap.caption_features(grid, pooled, beam_size=beam_size, length_penalty=length_penalty)):

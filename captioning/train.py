@@ -134,7 +134,7 @@ def validate(decoder: Decoder, cache: FeatureCache, ds: CaptionDataset, images: 
     losses, n = 0.0, 0
     for i in range(0, len(rows), 256):
         r = rows[i:i + 256]
-        g, p = _feats(cache, r)
+        g, p = cache.batch(r)
         c = torch.from_numpy(caps[i:i + 256])
         losses += float(caption_loss(decoder, g, p, c, 0.0, 0.0)) * len(r)
         n += len(r)
@@ -142,21 +142,12 @@ def validate(decoder: Decoder, cache: FeatureCache, ds: CaptionDataset, images: 
     ids = SpecialIds(vocab.pad, vocab.start, vocab.end, vocab.unk)
     for i in range(0, len(images), 250):
         names = images[i:i + 250]
-        g, p = _feats(cache, np.asarray([index[k] for k in names]))
+        g, p = cache.batch(np.asarray([index[k] for k in names]))
         for k, h in zip(names, sample_decode(decoder, g, p, greedy=True, ids=ids)):
             preds[k] = vocab.decode(h.tokens)
     s = score_captions(preds, {k: ds.captions[k] for k in images}, use_java=False, metrics=("bleu", "cider"))
     decoder.train()
     return {"val_loss": losses / n, "val_bleu4": s.metrics["BLEU-4"], "val_cider": s.metrics["CIDEr"]}
-
-
-def _feats(cache: FeatureCache, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    order = np.argsort(rows)  # memmap reads are faster in file order
-    g = np.empty((len(rows),) + cache.grid.shape[1:], dtype=np.float16)
-    p = np.empty((len(rows), cache.pooled.shape[1]), dtype=np.float16)
-    g[order] = cache.grid[rows[order]]
-    p[order] = cache.pooled[rows[order]]
-    return torch.from_numpy(g).float(), torch.from_numpy(p).float()
 
 
 # --- checkpoints -------------------------------------------------------------------------
@@ -273,7 +264,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
                    disable=not progress or rank != 0, unit="batch", mininterval=15)
         for b in range(state["batch"], n_batches):
             idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            g, p = _feats(cache, rows[idx])
+            g, p = cache.batch(rows[idx])
             loss = caption_loss(model, g, p, torch.from_numpy(caps[idx]), cfg.alpha_c if decoder.has_attention else 0.0,
                                 sample_prob, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
