@@ -224,12 +224,17 @@ def require_image(cur: Current) -> bool:
     return True
 
 
-def current_caption(cur: Current, model=None):
-    """(Captioner, CaptionOut) for the sidebar's model, photo and settings, or (None, None)."""
+def require_captioner(cur: Current):
+    """The sidebar's model loaded, or None after telling the user why (no model, or it failed to load)."""
     if cur.model is None:
         st.warning(sv.no_models_message())
-        return None, None
-    model = model or cur.get_captioner()
+        return None
+    return cur.get_captioner()
+
+
+def current_caption(cur: Current, model=None):
+    """(Captioner, CaptionOut) for the sidebar's model, photo and settings, or (None, None)."""
+    model = model or require_captioner(cur)
     if model is None or cur.image is None:
         return None, None
     try:

@@ -10,10 +10,7 @@ from app import ui
 
 cur = ui.current()
 st.title("Embeddings")
-if cur.model is None:
-    st.warning(sv.no_models_message())
-    st.stop()
-model = cur.get_captioner()
+model = ui.require_captioner(cur)
 if model is None:
     st.stop()
 

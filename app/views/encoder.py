@@ -11,10 +11,7 @@ cur = ui.current()
 st.title("Encoder")
 if not ui.require_image(cur):
     st.stop()
-if cur.model is None:
-    st.warning(sv.no_models_message())
-    st.stop()
-model = cur.get_captioner()
+model = ui.require_captioner(cur)
 if model is None:
     st.stop()
 st.caption(f"Encoder: {cur.model.encoder or model.encoder.name} (frozen, ImageNet-trained); the decoder reads its last "
