@@ -2,8 +2,10 @@
 
 Teacher forcing with optional scheduled sampling (Bengio et al. 2015), dropout, Adam,
 a reduce-on-plateau learning rate, gradient clipping, and for ``show_attend_tell`` the doubly
-stochastic attention penalty (Xu et al. 2015). The best bundle by validation CIDEr (or BLEU-4)
-is kept in ``RUN/best``. Runs as one process or under ``torchrun`` (DistributedDataParallel;
+stochastic attention penalty (Xu et al. 2015). With ``scst`` the decoder (usually one already
+trained this way, given by ``init``) is fine-tuned on the CIDEr-D of its own samples instead
+(self-critical sequence training, Rennie et al. 2017; see scst.py). The best bundle by
+validation CIDEr (or BLEU-4) is kept in ``RUN/best``. Runs as one process or under ``torchrun`` (DistributedDataParallel;
 gloo on CPU, NCCL on GPU); only rank 0 writes files.
 
 Run folder:
@@ -21,7 +23,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -32,18 +34,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .bundle import save_bundle
+from .bundle import load_bundle, read_config, save_bundle
 from .data import CaptionDataset, load_dataset
 from .decoders import Decoder, build_decoder
 from .decoding import SpecialIds, sample_decode
 from .features import FeatureCache, extract_features, find_cache
 from .images import Preprocessing
 from .metrics import score_captions
-from .vocab import Vocab
+from .scst import EOS, CiderD, scst_loss
+from .vocab import Vocab, tokenize
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FEATURES = REPO_ROOT / ".cache" / "features"
-CSV_FIELDS = ["epoch", "train_loss", "val_loss", "val_bleu4", "val_cider", "lr", "sample_prob", "seconds"]
+CSV_FIELDS = ["epoch", "train_loss", "val_loss", "val_bleu4", "val_cider", "lr", "sample_prob", "seconds",
+              "train_reward"]
 
 
 @dataclass
@@ -74,6 +78,10 @@ class TrainConfig:
     val_split: str = "dev"
     checkpoint_every: int = 200  # batches between mid-epoch checkpoints
     seed: int = 0
+    init: str = ""  # start from this bundle's weights and vocabulary (its decoder settings win)
+    scst: bool = False  # self-critical training on CIDEr-D; batch_size then counts images
+    scst_samples: int = 5  # captions sampled per image (leave-one-out baseline)
+    scst_max_len: int = 16  # words per sampled caption
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -205,6 +213,10 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
     """Train a decoder; returns the run folder. ``max_batches`` stops early (for tests of resume)."""
     rank, world = _dist_info()
     out = Path(out)
+    if cfg.init and not (resume and (out / "checkpoint" / "state.json").is_file()):
+        # The bundle decides the encoder and decoder; its own config the decoder's sizes.
+        b = read_config(cfg.init)
+        cfg = replace(cfg, encoder=b["encoder"]["name"], decoder=b["decoder"]["type"])
     ds = load_dataset(data)
     prep = Preprocessing()
     images_all = sorted(ds.captions)
@@ -228,7 +240,10 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         if resume:
             print(f"note: {ckpt} has no checkpoint; starting a new run")
         resume = False
-        vocab = Vocab.build([c for k in train_imgs for c in ds.captions[k]], cfg.min_count)
+        if cfg.init:
+            vocab = load_bundle(cfg.init)[1]
+        else:
+            vocab = Vocab.build([c for k in train_imgs for c in ds.captions[k]], cfg.min_count)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -237,7 +252,10 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
                 csv.writer(f).writerow(CSV_FIELDS)
 
     torch.manual_seed(cfg.seed)
-    decoder = build_decoder(cfg.decoder, decoder_config(cfg, len(vocab), cache.meta["channels"]))
+    if cfg.init:
+        decoder = _init_from_bundle(cfg, cache.meta["channels"])
+    else:
+        decoder = build_decoder(cfg.decoder, decoder_config(cfg, len(vocab), cache.meta["channels"]))
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "batch": 0, "best": -math.inf, "bad_epochs": 0, "lr_bad": 0, "train_loss_sum": 0.0,
              "train_loss_n": 0, "elapsed": 0.0, "done": False}
@@ -247,7 +265,14 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
     model: torch.nn.Module = decoder
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(decoder)
-    rows, caps = encode_captions(ds, train_imgs, index, vocab, cfg.max_tokens)
+    if cfg.scst:
+        # One row per image: each batch samples captions for images and scores them on their references.
+        rows = np.asarray([index[k] for k in train_imgs], dtype=np.int64)
+        names = np.asarray(train_imgs)
+        cider = CiderD({k: [[w for w in tokenize(c) if w.isalnum() or "'" in w or "-" in w] + [EOS]
+                            for c in ds.captions[k]] for k in train_imgs})
+    else:
+        rows, caps = encode_captions(ds, train_imgs, index, vocab, cfg.max_tokens)
     per_rank = len(rows) // world
     n_batches = math.ceil(per_rank / cfg.batch_size)
     batches_run = 0
@@ -265,10 +290,22 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         for b in range(state["batch"], n_batches):
             idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             g, p = cache.batch(rows[idx])
-            loss = caption_loss(model, g, p, torch.from_numpy(caps[idx]), cfg.alpha_c if decoder.has_attention else 0.0,
-                                sample_prob, cfg.label_smoothing)
+            if cfg.scst:
+                loss, reward = scst_loss(decoder, g, p, names[idx].tolist(), cider,
+                                         vocab.itos, cfg.scst_samples, cfg.scst_max_len)
+                state["reward_sum"] = state.get("reward_sum", 0.0) + reward
+            else:
+                loss = caption_loss(model, g, p, torch.from_numpy(caps[idx]),
+                                    cfg.alpha_c if decoder.has_attention else 0.0, sample_prob, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.scst and world > 1:
+                # SCST steps the bare decoder (DDP only hooks forward), so average gradients by hand.
+                for prm in decoder.parameters():
+                    if prm.grad is None:
+                        prm.grad = torch.zeros_like(prm)
+                    dist.all_reduce(prm.grad)
+                    prm.grad /= world
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
             opt.step()
@@ -291,7 +328,8 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
             v = validate(decoder, cache, ds, val_imgs, vocab, cfg)
             score = v["val_cider"] if cfg.select_metric == "cider" else v["val_bleu4"]
             row = {"epoch": epoch + 1, "train_loss": state["train_loss_sum"] / max(1, state["train_loss_n"]), **v,
-                   "lr": opt.param_groups[0]["lr"], "sample_prob": sample_prob, "seconds": round(secs, 1)}
+                   "lr": opt.param_groups[0]["lr"], "sample_prob": sample_prob, "seconds": round(secs, 1),
+                   "train_reward": (state.get("reward_sum", 0.0) / max(1, state["train_loss_n"])) if cfg.scst else ""}
             _append_csv(out / "metrics.csv", row, epoch + 1)
             print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
             if score > state["best"]:
@@ -315,10 +353,18 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
             for g in opt.param_groups:
                 g["lr"] = float(sync[0])
             state["done"] = bool(sync[1])
-        state.update(epoch=epoch + 1, batch=0, train_loss_sum=0.0, train_loss_n=0)
+        state.update(epoch=epoch + 1, batch=0, train_loss_sum=0.0, train_loss_n=0, reward_sum=0.0)
         if rank == 0:
             save_checkpoint(ckpt, decoder, opt, state)
     return out
+
+
+def _init_from_bundle(cfg: TrainConfig, channels: int) -> Decoder:
+    """The bundle's decoder in float32 and train mode."""
+    decoder, _, _ = load_bundle(cfg.init)
+    if decoder.config.feature_dim != channels:
+        raise ValueError(f"{cfg.init}: expects {decoder.config.feature_dim} feature channels, the cache has {channels}")
+    return decoder.train()
 
 
 def _append_csv(path: Path, row: dict, epoch: int) -> None:
