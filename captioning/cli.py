@@ -114,9 +114,16 @@ def cmd_ship(a: argparse.Namespace) -> int:
     res = evaluate(dest, a.data, split="test", beam_size=a.beam, features=a.features,
                    length_penalty=a.length_penalty)
     cfg = json.loads((Path(a.run) / "config.json").read_text())
-    cmd = (f"python -m captioning train --decoder {cfg['decoder']} --out runs/{a.name} --epochs {cfg['epochs']} "
-           f"--lr-patience {cfg['lr_patience']} --patience {cfg['patience']}\n"
-           f"python -m captioning ship runs/{a.name} --name {a.name} --beam {a.beam} --length-penalty {a.length_penalty}")
+    init = (json.loads((dest / "config.json").read_text())["training"].get("init_training") or {}).get("config")
+    xe = init or cfg
+    xe_run = f"runs/{a.name}" + ("_xe" if init else "")
+    cmd = (f"python -m captioning train --decoder {xe['decoder']} --out {xe_run} --epochs {xe['epochs']} "
+           f"--lr-patience {xe['lr_patience']} --patience {xe['patience']}\n")
+    if init:
+        cmd += (f"python -m captioning train --init {xe_run}/best --scst --out runs/{a.name} --epochs {cfg['epochs']} "
+                f"--lr {cfg['lr']} --batch-size {cfg['batch_size']} --scst-samples {cfg['scst_samples']} "
+                f"--scst-max-len {cfg['scst_max_len']} --lr-patience {cfg['lr_patience']} --patience {cfg['patience']}\n")
+    cmd += f"python -m captioning ship runs/{a.name} --name {a.name} --beam {a.beam} --length-penalty {a.length_penalty}"
     write_card(dest, cmd, a.notes or "")
     print(json.dumps(res["metrics"]))
     return 0

@@ -19,15 +19,44 @@ PUBLISHED = {
 
 
 def ship(run: str | Path, name: str, dest_root: str | Path = MODELS_DIR) -> Path:
-    """Copy RUN/best into assets/models/NAME together with RUN/metrics.csv."""
+    """Copy RUN/best into assets/models/NAME together with its training curve.
+
+    A run that fine-tuned another bundle (``--init``) gets the whole path in its curve: the
+    starting bundle's rows up to the epoch it was taken at (stage ``xe``), then this run's rows
+    (stage ``scst`` or ``xe``), numbered on from there."""
     run = Path(run)
     load_bundle(run / "best")  # refuse to ship something that does not load
+    tc = json.loads((run / "config.json").read_text())
+    rows = _curve(run / "metrics.csv")
+    stage = "scst" if tc.get("scst") else "xe"
+    for r in rows:
+        r["stage"] = stage
+    if tc.get("init"):
+        init = Path(tc["init"])
+        start = (json.loads((init / "config.json").read_text()).get("training") or {}).get("epoch", 0)
+        # A shipped bundle carries its curve; a run's best/ bundle has it one folder up.
+        curve = init / "metrics.csv" if (init / "metrics.csv").is_file() else init.parent / "metrics.csv"
+        before = [dict(r, stage=r.get("stage") or "xe") for r in _curve(curve) if int(r["epoch"]) <= start]
+        for r in rows:
+            r["epoch"] = str(int(r["epoch"]) + start)
+        rows = before + rows
     dest = Path(dest_root) / name
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(run / "best", dest)
-    shutil.copy2(run / "metrics.csv", dest / "metrics.csv")
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with (dest / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
     return dest
+
+
+def _curve(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def write_card(model: str | Path, command: str, notes: str = "") -> Path:
@@ -36,9 +65,16 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
     cfg = json.loads((model / "config.json").read_text())
     metrics = json.loads((model / "metrics.json").read_text()) if (model / "metrics.json").is_file() else None
     rows = list(csv.DictReader((model / "metrics.csv").open())) if (model / "metrics.csv").is_file() else []
-    train_s = sum(float(r["seconds"]) for r in rows)
     kind = cfg["decoder"]["type"]
     tc = cfg.get("training", {}).get("config", {})
+    init = cfg.get("training", {}).get("init_training")
+    if init:  # two stages: describe the cross-entropy one, then the fine-tuning
+        rows_xe = [r for r in rows if r.get("stage", "xe") == "xe"]
+        rows_ft = [r for r in rows if r.get("stage", "xe") != "xe"]
+        tc_ft, tc = tc, init.get("config", {})
+    else:
+        rows_xe, rows_ft, tc_ft = rows, [], {}
+    train_s = sum(float(r["seconds"]) for r in rows_xe)
     lines = [
         f"# Model card: `{model.name}`", "",
         f"- **Decoder**: `{kind}` — {json.dumps(cfg['decoder']['config'])}",
@@ -52,8 +88,21 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
         f"gradient clip {tc.get('grad_clip')}, lr ×{tc.get('lr_factor')} after {tc.get('lr_patience')} epochs without a "
         f"better dev {tc.get('select_metric')}, early stop after {tc.get('patience')}; "
         + (f"doubly stochastic attention λ={tc.get('alpha_c')}; " if kind == "show_attend_tell" else "")
-        + f"seed {tc.get('seed')}. Best epoch {cfg.get('training', {}).get('epoch')} of {len(rows)} run; "
+        + f"seed {tc.get('seed')}. Best epoch {(init or cfg.get('training', {})).get('epoch')} of "
+        f"{len(rows_xe) if not init else 'the run'}; "
         f"training time {train_s / 60:.1f} min on a 2-core CPU machine (feature extraction not included).",
+    ]
+    if rows_ft:
+        ft_s = sum(float(r["seconds"]) for r in rows_ft)
+        lines.append(
+            f"- **Self-critical fine-tuning** (Rennie et al. 2017) from that model: REINFORCE on the CIDEr-D of "
+            f"{tc_ft.get('scst_samples')} sampled captions per image (≤ {tc_ft.get('scst_max_len')} words), each "
+            f"baselined by the mean reward of the image's other samples (Luo 2020); Adam lr {tc_ft.get('lr')}, "
+            f"{tc_ft.get('batch_size')} images per batch, dropout {tc_ft.get('dropout')}, lr ×{tc_ft.get('lr_factor')} "
+            f"after {tc_ft.get('lr_patience')} epochs without a better dev {tc_ft.get('select_metric')}; seed "
+            f"{tc_ft.get('seed')}. Best fine-tuning epoch {cfg['training'].get('epoch')} of {len(rows_ft)} run; "
+            f"{ft_s / 60:.1f} min.")
+    lines += [
         f"- **Weights**: fp16 safetensors, {(model / 'model.safetensors').stat().st_size / 1e6:.1f} MB.",
         "", "## Test split (Flickr8k, 1,000 images)", "",
     ]
@@ -68,7 +117,8 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
               "## Reproduce", "", "```bash", command, "```", ""]
     if notes:
         lines += ["## Notes", "", notes, ""]
-    lines += ["Training curve: `metrics.csv` (epoch, train/val loss, greedy val BLEU-4 and CIDEr, lr, seconds)."]
+    lines += ["Training curve: `metrics.csv` (epoch, train/val loss, greedy val BLEU-4 and CIDEr, lr, seconds"
+              + (", stage, mean SCST reward)." if rows_ft else ").")]
     p = model / "MODEL_CARD.md"
     p.write_text("\n".join(lines) + "\n")
     return p

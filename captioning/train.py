@@ -334,8 +334,11 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
             print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
             if score > state["best"]:
                 state.update(best=score, bad_epochs=0, lr_bad=0)
-                save_bundle(out / "best", decoder, vocab, cfg.encoder, prep, extra={
-                    "training": {"epoch": epoch + 1, f"val_{cfg.select_metric}": score, "config": asdict(cfg)}})
+                training = {"epoch": epoch + 1, f"val_{cfg.select_metric}": score, "config": asdict(cfg)}
+                if cfg.init:
+                    # How the starting model was trained, so the model card can give both stages.
+                    training["init_training"] = read_config(cfg.init).get("training")
+                save_bundle(out / "best", decoder, vocab, cfg.encoder, prep, extra={"training": training})
             else:
                 state["bad_epochs"] += 1
                 state["lr_bad"] += 1

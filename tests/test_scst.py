@@ -135,3 +135,23 @@ def test_scst_resume_is_exact(synth, features_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_ship_a_fine_tuned_run(synth, features_dir, tmp_path):
+    """Shipping keeps both stages: the curve has the cross-entropy epochs up to the one SCST started
+    from, then the SCST epochs numbered on; the card describes both and the commands reproduce both."""
+    from captioning.cli import main
+
+    xe, cfg = _xe_then_scst(synth, features_dir, tmp_path, epochs=2, lr=1e-3)
+    run = train(str(synth.root), tmp_path / "scst", cfg, features=features_dir, progress=False)
+    assert main(["ship", str(run), "--name", "sat", "--dest", str(tmp_path / "models"), "--data", str(synth.root),
+                 "--features", str(features_dir)]) == 0
+    dest = tmp_path / "models" / "sat"
+    rows = read_metrics(dest)
+    start = json.loads((xe / "best" / "config.json").read_text())["training"]["epoch"]
+    assert [r["stage"] for r in rows] == ["xe"] * start + ["scst"] * 2
+    assert [int(r["epoch"]) for r in rows] == list(range(1, start + 3))
+    assert rows[0]["train_reward"] == "" and float(rows[-1]["train_reward"]) > 0
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "Self-critical fine-tuning" in card and "--init runs/sat_xe/best --scst" in card
+    assert json.loads((dest / "metrics.json").read_text())["metrics"]["CIDEr"] >= 0
