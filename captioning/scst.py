@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .decoding import SpecialIds, _constrain
+from .decoding import SpecialIds, _constrain, tree_map
 
 Ngram = tuple[str, ...]
 EOS = "</s>"
@@ -96,11 +96,11 @@ def sample_with_logprobs(model, grid: torch.Tensor, pooled: torch.Tensor, sample
         token (0 after <end>); finished (N,) whether the caption reached <end>. Rows are
         image-major: row b*S + s is sample s of image b.
     """
-    B = grid.size(0)
-    grid = grid.repeat_interleave(samples, 0)  # (N, P, C)
-    pooled = pooled.repeat_interleave(samples, 0)  # (N, C)
-    N = grid.size(0)
+    # Start once per image, then copy: the attention projection of the grid is the costliest layer.
     state, feats = model.start(grid, pooled)
+    state = tree_map(lambda x: x.repeat_interleave(samples, 0), state)
+    feats = tree_map(lambda x: x.repeat_interleave(samples, 0), feats)
+    N = grid.size(0) * samples
     tokens = torch.full((N,), ids.start, dtype=torch.long)
     seqs = torch.zeros(N, 0, dtype=torch.long)
     done = torch.zeros(N, dtype=torch.bool)
