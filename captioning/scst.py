@@ -107,7 +107,10 @@ def sample_with_logprobs(model, grid: torch.Tensor, pooled: torch.Tensor, sample
     out_tok, out_lp = [], []
     for t in range(max_len):
         logp, state, _ = model.step(tokens, state, feats)  # (N, V)
-        logp = _constrain(logp, seqs, t, ids, 1, 0, allow_unk=False)
+        # The policy is the *constrained* distribution, renormalised: left unnormalised, the words it
+        # may never sample (<unk>) only ever receive the "raise everything else" part of the gradient
+        # and soak up all probability mass within an epoch.
+        logp = torch.log_softmax(_constrain(logp, seqs, t, ids, 1, 0, allow_unk=False), -1)
         nxt = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)  # (N,)
         lp = logp.gather(1, nxt[:, None]).squeeze(1)  # (N,)
         nxt = nxt.masked_fill(done, ids.pad)

@@ -64,13 +64,16 @@ def test_leave_one_out_baseline_pushes_towards_the_better_sample():
     opt = torch.optim.Adam(dec.parameters(), lr=0.05)
     grid, pooled = torch.zeros(1, 1, 4), torch.ones(1, 4)
 
-    def p_dog() -> float:
+    def first_word() -> torch.Tensor:
         with torch.no_grad():
             (h, c), _ = dec.start(grid, pooled)
-            logp, _, _ = dec.step(torch.tensor([1]), (h, c), ())
-        return float(logp[0, 4].exp() / (logp[0, 4].exp() + logp[0, 5].exp()))
+            return dec.step(torch.tensor([1]), (h, c), ())[0][0].exp()  # (V,)
 
-    before = p_dog()
+    def p_dog() -> float:
+        p = first_word()
+        return float(p[4] / (p[4] + p[5]))
+
+    before, unk_before = p_dog(), float(first_word()[3])
     rewards = []
     for _ in range(30):
         loss, r = scst_loss(dec, grid, pooled, ["x"], cider, itos, samples=8, max_len=4)
@@ -79,6 +82,8 @@ def test_leave_one_out_baseline_pushes_towards_the_better_sample():
         opt.step()
         rewards.append(r)
     assert p_dog() > max(0.9, before + 0.3), (before, p_dog())
+    # <unk> is never sampled, so it must get no gradient at all: it may not soak up probability.
+    assert float(first_word()[3]) <= unk_before * 1.5, (unk_before, float(first_word()[3]))
     assert np.mean(rewards[-5:]) > np.mean(rewards[:5])
 
 
