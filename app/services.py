@@ -493,7 +493,7 @@ def methods_for(captioner) -> list[str]:
     return [m for m in attribution.METHODS if m != "attention" or has_att]
 
 
-METHOD_TITLES = {"grad_cam": "Grad-CAM", "integrated_gradients": "Integrated Gradients", "smoothgrad": "SmoothGrad",
+METHOD_TITLES = {"grad_cam": "Grad-CAM (HiResCAM)", "integrated_gradients": "Integrated Gradients", "smoothgrad": "SmoothGrad",
                  "gradient_shap": "GradientSHAP", "occlusion": "Occlusion", "attention": "Attention"}
 #: Cheaper settings than the library defaults, so a CPU answers in seconds.
 FAST_OPTIONS: dict[str, dict[str, Any]] = {

@@ -15,8 +15,18 @@ arXiv:2009.07896); this module only wires the captioner into them:
   Predictions" (arXiv:1705.07874), the expected-gradients approximation of SHAP values.
 * ``occlusion`` -- Zeiler & Fergus 2014, "Visualizing and Understanding Convolutional
   Networks" (arXiv:1311.2901): the drop in log-probability when a window is blanked.
-* ``grad_cam`` -- Selvaraju et al. 2017, "Grad-CAM" (arXiv:1610.02391), on the encoder's last
-  convolutional feature map (the 7x7 grid the decoder reads), upsampled to the image.
+* ``grad_cam`` -- class-activation maps of an encoder layer, upsampled to the image. By default
+  HiResCAM (Draelos & Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful explanations
+  of convolutional neural networks", arXiv:2011.08891): the gradient times the activation,
+  element-wise, summed over channels, at the last stride-16 stage (14x14). ``gradients="mean"``
+  and ``layer="features"`` give the classic Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391)
+  on the 7x7 grid the decoder reads. Why the default differs, as measured with deletion curves
+  (Petsiuk et al. 2018; README, "Faithfulness of the explanations"): on the 7x7 grid no map,
+  not even the decoder's own attention, clearly beats a random deletion order -- its 32-pixel
+  cells are too coarse -- so the map is taken one stage earlier. There the gradient varies
+  from position to position (through the later stages and the attention), and Grad-CAM's
+  per-channel average over the grid discards that; element-wise gradients keep it (HiResCAM;
+  LayerCAM, Jiang et al. 2021, IEEE TIP 30:5875, makes the same point for earlier layers).
 * ``attention`` -- the Show, Attend and Tell decoder's own soft attention for that word
   (Xu et al. 2015, arXiv:1502.03044). Attention is not an explanation of the output
   (Jain & Wallace 2019, "Attention is not Explanation", arXiv:1902.10186); it is offered for
@@ -27,13 +37,14 @@ Baselines. "Black" means black in pixel space, i.e. the *normalised* black image
 is the default baseline of Integrated Gradients and Occlusion; ``baseline="mean"`` (grey) and
 ``baseline="blur"`` (the image blurred) are the alternatives.
 
-Dimensions: S image side (224), C feature channels, h x w feature grid (7x7), T caption
-length including <end>, V vocabulary.
+Dimensions: S image side (224), C feature channels, h x w feature grid (7x7), h' x w' the
+grad_cam layer's grid (14x14 by default), T caption length including <end>, V vocabulary.
 """
 from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -45,6 +56,7 @@ from captioning.images import Preprocessing
 
 from ._utils import (PixelsLike, as_pixels, contiguous_grad, fmap_to_grid, image_array, inference_encoder,
                      resize_map, teacher_forced)
+from .encoder import _run_to, layer_info, list_layers
 
 METHODS: tuple[str, ...] = ("integrated_gradients", "smoothgrad", "gradient_shap", "occlusion", "grad_cam",
                             "attention")
@@ -57,11 +69,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # baselines: names (drawn uniformly) or a tensor (k, 3, S, S) of reference images.
     "gradient_shap": {"n_samples": 16, "noise_level": 0.05, "baselines": ("black", "mean", "blur"), "seed": 0},
     "occlusion": {"window": 32, "stride": 16, "baseline": "black", "perturbations_per_eval": 16},
-    "grad_cam": {"relu": True, "interpolate_mode": "bilinear"},
+    # layer: "auto" (see cam_layer), "features" (the decoder's 7x7 input) or a name from
+    # explain.encoder.list_layers; gradients: "elementwise" (HiResCAM) or "mean" (Grad-CAM).
+    "grad_cam": {"layer": "auto", "gradients": "elementwise", "relu": True, "interpolate_mode": "bilinear"},
     "attention": {"interpolate_mode": "bilinear"},
 }
 
 BASELINES = ("black", "mean", "blur")
+CAM_GRADIENTS = ("elementwise", "mean")
+FEATURES = "features"  # grad_cam's name for the encoder's output, the grid the decoder reads
 
 
 @dataclass
@@ -73,16 +89,17 @@ class Attribution:
             image of any size). Positive = evidence for the word. Reductions of ``raw``:
             integrated_gradients / gradient_shap: sum over colour channels (so ``map.sum()``
             keeps completeness); smoothgrad: sum over channels of mean |gradient|; occlusion:
-            mean over channels (drop in log-probability); grad_cam / attention: the (h, w)
-            map upsampled.
-        raw: Captum's output as an array: (3, S, S) for pixel methods, (h, w) for grad_cam
-            and attention.
+            mean over channels (drop in log-probability); grad_cam: the (h', w') map
+            upsampled; attention: the (h, w) map upsampled.
+        raw: Captum's output as an array: (3, S, S) for pixel methods, (h', w') for grad_cam
+            (14x14 by default), (h, w) for attention.
         method: one of METHODS.
         word: the explained word ("<end>" for the end token). word_index: its position t.
         token: its vocabulary id.
         logprob: log p(word | image, prefix) under the model (the explained quantity).
         metadata: the options used, "seconds", and method extras: "convergence_delta" for
-            integrated_gradients and gradient_shap, "baseline_logprob" for integrated_gradients.
+            integrated_gradients and gradient_shap, "baseline_logprob" for integrated_gradients,
+            "layer" (the resolved layer name) for grad_cam.
     """
 
     map: np.ndarray
@@ -104,7 +121,8 @@ class WordLogProb(nn.Module):
     Gradients flow to the pixels even though no parameter requires them.
 
     ``self.feature`` is an identity on the encoder's feature map (N, C, h, w): the layer
-    Grad-CAM hooks (a module of its own, because backbones reuse activation modules).
+    grad_cam hooks for ``layer="features"`` (a module of its own, because backbones reuse
+    activation modules).
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, tokens: Sequence[int], word_index: int,
@@ -144,19 +162,31 @@ class WordLogProb(nn.Module):
         return logp[:, t, self.targets[t]]
 
 
-class _FeatureWords(nn.Module):
-    """fmap (N, C, h, w) -> (N, T) word log-probabilities; Grad-CAM of every word at once."""
+class _LayerWords(nn.Module):
+    """One image's activation at an encoder layer, N copies (N, C, h', w') -> (N, T) log-probabilities
+    of every caption word: the CAM of every word at once, one row per word.
 
-    def __init__(self, scorer: WordLogProb):
+    With ``layer=None`` the activation is the encoder's output and only the decoder runs.
+    Otherwise the encoder runs on the one image (batch 1, no gradient needed: nothing before
+    ``layer`` requires it) and a forward hook puts the N copies in place of ``layer``'s output,
+    so only the stages after ``layer`` run N times. ``self.feature`` is the identity Captum hooks.
+    """
+
+    def __init__(self, scorer: WordLogProb, pixels: torch.Tensor, layer: Optional[nn.Module]):
         super().__init__()
         self.scorer = scorer
+        self.pixels = pixels
+        self.layer = layer
+        self.feature = nn.Identity()
 
-    @property
-    def feature(self) -> nn.Module:
-        return self.scorer.feature
-
-    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
-        return self.scorer.words_from_features(fmap)
+    def forward(self, act: torch.Tensor) -> torch.Tensor:
+        if self.layer is None:
+            return self.scorer.words_from_features(self.feature(act))
+        handle = self.layer.register_forward_hook(lambda _m, _i, _out: self.feature(act))
+        try:
+            return self.scorer.all_logprobs(self.pixels)
+        finally:
+            handle.remove()
 
 
 def word_scorer(captioner, caption_tokens: Sequence[int], word_index: int) -> WordLogProb:
@@ -172,6 +202,60 @@ def word_scorer(captioner, caption_tokens: Sequence[int], word_index: int) -> Wo
     v = captioner.vocab
     return WordLogProb(inference_encoder(captioner.encoder), captioner.decoder, caption_tokens, word_index,
                        v.start, v.end)
+
+
+_CAM_LAYERS: "weakref.WeakKeyDictionary[nn.Module, dict[int, str]]" = weakref.WeakKeyDictionary()
+
+
+def cam_layer(encoder: nn.Module, layer: str = "auto", size: int = 224) -> str:
+    """Resolve grad_cam's ``layer`` option to a layer name.
+
+    Args:
+        encoder: the captioner's encoder (a ``captioning.encoders.Encoder``).
+        layer: "auto", "features" (the encoder's output, the grid the decoder reads) or a name
+            from ``explain.encoder.list_layers``.
+        size: the input side S (the layers' grid sizes depend on it).
+    Returns:
+        ``layer`` itself unless it is "auto". "auto" is the last stage whose grid is twice the
+        feature grid (stride 16: 14x14 for S = 224, e.g. "stage5.block10" of EfficientNet-Lite0,
+        "layer3" of a ResNet), or "features" if the encoder has no such stage. The next finer
+        stage and no earlier one: the later the layer, the more of the model's computation its
+        gradient reflects, and the fewer stages run once per word in ``grad_cam_all_words``.
+    Raises:
+        ValueError: an unknown layer name.
+    """
+    if layer == "auto":
+        cached = _CAM_LAYERS.setdefault(encoder, {})
+        if size not in cached:
+            with torch.no_grad():
+                h = encoder.feature_map(torch.zeros(1, 3, size, size)).shape[-2]
+            finer = [info.name for info in layer_info(encoder, size) if info.height == 2 * h]
+            cached[size] = finer[-1] if finer else FEATURES
+        return cached[size]
+    valid = [FEATURES, *list_layers(encoder)]
+    if layer not in valid:
+        raise ValueError(f"unknown grad_cam layer {layer!r}; valid: auto, {', '.join(valid)}")
+    return layer
+
+
+def _cam(net: nn.Module, layer: nn.Module, inputs: torch.Tensor, target: Optional[list[int]], gradients: str,
+         relu: bool) -> torch.Tensor:
+    """Captum's class-activation map of ``net``'s output at ``layer``, detached: (N, 1, h', w').
+
+    gradients="mean": Grad-CAM (``LayerGradCam``), channel weights = gradients averaged over
+    the grid. "elementwise": HiResCAM, ``LayerGradientXActivation`` (gradient times activation
+    at every position) summed over channels; it equals Grad-CAM wherever the gradient is the
+    same at every position, e.g. for a decoder that only sees the pooled grid.
+    ``relu`` keeps positive evidence only (Selvaraju et al.), for both.
+    """
+    from captum.attr import LayerGradCam, LayerGradientXActivation
+
+    if gradients not in CAM_GRADIENTS:
+        raise ValueError(f"unknown grad_cam gradients {gradients!r}; valid: {', '.join(CAM_GRADIENTS)}")
+    if gradients == "mean":
+        return LayerGradCam(net, layer).attribute(inputs, target=target, relu_attributions=relu).detach()
+    cam = LayerGradientXActivation(net, layer).attribute(inputs, target=target).detach().sum(1, keepdim=True)
+    return cam.clamp(min=0) if relu else cam
 
 
 def make_baseline(pixels: torch.Tensor, kind: Union[str, torch.Tensor], prep: Preprocessing = Preprocessing()
@@ -308,11 +392,14 @@ def attribute(captioner, image: PixelsLike, caption_tokens: Sequence[int], word_
         raw = attr[0].detach()
         heat = raw.mean(0)
     elif method == "grad_cam":
-        from captum.attr import LayerAttribution, LayerGradCam
+        from captum.attr import LayerAttribution
 
-        cam = LayerGradCam(scorer, scorer.feature).attribute(pixels, relu_attributions=bool(opts["relu"]))
-        raw = cam[0, 0].detach()
-        heat = LayerAttribution.interpolate(cam.detach(), (S, S), opts["interpolate_mode"])[0, 0]
+        name = cam_layer(captioner.encoder, opts["layer"], S)
+        layer = scorer.feature if name == FEATURES else scorer.encoder.stages()[name]
+        cam = _cam(scorer, layer, pixels, None, opts["gradients"], bool(opts["relu"]))  # (1, 1, h', w')
+        raw = cam[0, 0]
+        heat = LayerAttribution.interpolate(cam, (S, S), opts["interpolate_mode"])[0, 0]
+        meta["layer"] = name
     elif method == "attention":
         raw, heat = _attention(captioner, scorer, pixels, opts["interpolate_mode"])
     else:  # pragma: no cover - _options rejects it
@@ -339,22 +426,25 @@ def _attention(captioner, scorer: WordLogProb, pixels: torch.Tensor, mode: str) 
 
 
 def grad_cam_all_words(captioner, image: PixelsLike, caption_tokens: Sequence[int], include_end: bool = True,
-                       relu: bool = True, interpolate_mode: str = "bilinear") -> list[Attribution]:
-    """Grad-CAM for every word of a caption in one encoder pass and one backward pass.
+                       relu: bool = True, interpolate_mode: str = "bilinear", layer: str = "auto",
+                       gradients: str = "elementwise") -> list[Attribution]:
+    """grad_cam for every word of a caption in one encoder pass and one batched backward pass.
 
-    The encoder runs once without gradients; the feature map is repeated once per word and
-    Captum's LayerGradCam takes each row's gradient for its own word (``target=[0, 1, ...]``),
-    so the result equals ``attribute(..., method="grad_cam")`` word by word.
+    The encoder runs once without gradients up to the CAM layer; that activation is repeated
+    once per word, only what comes after it (the later stages and the decoder, ``_LayerWords``)
+    runs on the copies, and Captum takes each row's gradient for its own word
+    (``target=[0, 1, ...]``), so the result equals ``attribute(..., method="grad_cam")`` word by word.
 
     Args:
         captioner: a ``captioning.api.Captioner``.
         image: path / bytes / PIL image or preprocessed (3, S, S) / (1, 3, S, S) tensor.
         caption_tokens: the caption's word ids without <start>/<end>.
         include_end: also explain the <end> token.
+        relu, interpolate_mode, layer, gradients: the grad_cam options (``DEFAULTS``).
     Returns:
         One ``Attribution`` per word (len(caption_tokens) [+1]), each ``map`` (S, S).
     """
-    from captum.attr import LayerAttribution, LayerGradCam
+    from captum.attr import LayerAttribution
 
     t0 = time.perf_counter()
     pixels = as_pixels(image, captioner.prep)
@@ -362,24 +452,25 @@ def grad_cam_all_words(captioner, image: PixelsLike, caption_tokens: Sequence[in
     T = len(caption_tokens) + (1 if include_end else 0)
     if T == 0:
         return []
-    with torch.no_grad():
-        fmap = scorer.encoder.feature_map(pixels)  # (1, C, h, w)
-    net = _FeatureWords(scorer)
-    inputs = fmap.expand(T, *fmap.shape[1:]).clone()
-    with torch.no_grad():
-        logps = net(inputs[:1])[0]  # (T[+1],)
-    cams = LayerGradCam(net, net.feature).attribute(inputs, target=list(range(T)), relu_attributions=relu)
     S = pixels.shape[-1]
-    up = LayerAttribution.interpolate(cams.detach(), (S, S), interpolate_mode)  # (T, 1, S, S)
+    name = cam_layer(captioner.encoder, layer, S)
+    with torch.no_grad():
+        act = scorer.encoder.feature_map(pixels) if name == FEATURES else _run_to(scorer.encoder, pixels, name)
+    net = _LayerWords(scorer, pixels, None if name == FEATURES else scorer.encoder.stages()[name])
+    inputs = act.expand(T, *act.shape[1:]).clone()  # (T, C, h', w')
+    with torch.no_grad():
+        logps = net(inputs[:1])[0]  # (T,)
+    cams = _cam(net, net.feature, inputs, list(range(T)), gradients, relu)  # (T, 1, h', w')
+    up = LayerAttribution.interpolate(cams, (S, S), interpolate_mode)  # (T, 1, S, S)
     secs = (time.perf_counter() - t0) / T
+    options = {"layer": layer, "gradients": gradients, "relu": relu, "interpolate_mode": interpolate_mode}
     out = []
     for t in range(T):
         token = int(scorer.targets[t])
-        out.append(Attribution(map=up[t, 0].numpy().astype(np.float32), raw=cams[t, 0].detach().numpy(),
+        out.append(Attribution(map=up[t, 0].numpy().astype(np.float32), raw=cams[t, 0].numpy(),
                                method="grad_cam", word=captioner.vocab.itos[token], word_index=t, token=token,
                                logprob=float(logps[t]),
-                               metadata={"options": {"relu": relu, "interpolate_mode": interpolate_mode},
-                                         "seconds": secs, "batched": True}))
+                               metadata={"options": dict(options), "layer": name, "seconds": secs, "batched": True}))
     return out
 
 
@@ -430,7 +521,7 @@ def attribute_caption(captioner, image: PixelsLike, caption_tokens: Sequence[int
     """
     if method == "grad_cam":
         o = _options(method, options)
-        return grad_cam_all_words(captioner, image, caption_tokens, include_end, o["relu"], o["interpolate_mode"])
+        return grad_cam_all_words(captioner, image, caption_tokens, include_end, **o)
     if method == "attention":
         o = _options(method, options)
         return attention_all_words(captioner, image, caption_tokens, include_end, o["interpolate_mode"])

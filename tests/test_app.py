@@ -431,7 +431,7 @@ def test_explain_page(models):
     no_exceptions(at)
     assert len(at.image) == 2
     table = at.dataframe[0].value
-    assert list(table["method"]) == ["Grad-CAM", "Attention"]
+    assert list(table["method"]) == ["Grad-CAM (HiResCAM)", "Attention"]
     assert set(table["beats random"]) <= {"yes", "NO"}
     assert table["deletion AUC ↓"].between(0, 1).all() and table["insertion AUC ↑"].between(0, 1).all()
     assert at.warning or at.success

@@ -174,14 +174,14 @@ def test_end_to_end(server, browser):
     timings["upload_dog_s"] = upload(page, str(dog))
     text = caption_text(page)
     timings["dog_caption"] = text
-    page.get_by_text("Grad-CAM for").first.wait_for(timeout=60_000)
+    page.get_by_text("Grad-CAM (HiResCAM) for").first.wait_for(timeout=60_000)
     shot(page, "02_dog_caption")
     assert re.search(r"\bdogs?\b", text), f"caption of {dog.name} does not mention a dog: {text!r}"
 
     # 2. Click a word: its overlays appear.
     buttons = page.locator('[data-testid="stButtonGroup"] button')
     buttons.first.wait_for(timeout=60_000)
-    page.get_by_text("Grad-CAM for").first.wait_for(timeout=60_000)
+    page.get_by_text("Grad-CAM (HiResCAM) for").first.wait_for(timeout=60_000)
     labels = [b.inner_text().strip() for b in buttons.all()]
     assert labels, "no clickable words"
     # A repeated word is labelled "brown (2)"; the overlay's title names the plain word.
@@ -189,7 +189,7 @@ def test_end_to_end(server, browser):
     pick = next((i for i, w in enumerate(words) if w in ("dog", "dogs")), min(1, len(words) - 1))
     word = words[pick]
     buttons.nth(pick).click()
-    page.get_by_text(f"Grad-CAM for “{word}”").wait_for(timeout=60_000)
+    page.get_by_text(f"Grad-CAM (HiResCAM) for “{word}”").wait_for(timeout=60_000)
     if page.get_by_text("has no attention").count() == 0:
         page.get_by_text(f"attention for “{word}”").wait_for(timeout=60_000)
     shot(page, "03_word_overlay")

@@ -93,6 +93,19 @@ def test_grad_cam_all_words_equals_word_by_word(kind):
         assert f.logprob == pytest.approx(slow.logprob, abs=1e-5)
 
 
+def test_hirescam_is_grad_cam_when_the_decoder_sees_only_the_pooled_grid():
+    # Draelos & Carin 2020: averaging the gradient over the grid (Grad-CAM) loses nothing when
+    # it is the same at every cell, as for show_tell, which reads only the mean of the grid; it
+    # does lose where an attention decoder looked.
+    def raw(kind: str, gradients: str) -> np.ndarray:
+        cap, img, tokens = _case(kind)
+        return attribute(cap, img, tokens, 1, "grad_cam", layer="features", gradients=gradients, relu=False).raw
+
+    np.testing.assert_allclose(raw("show_tell", "elementwise"), raw("show_tell", "mean"), rtol=1e-4, atol=1e-7)
+    sat = raw("show_attend_tell", "elementwise"), raw("show_attend_tell", "mean")
+    assert not np.allclose(*sat, rtol=0.1)
+
+
 def test_attribute_caption_fast_paths_match():
     cap, img, tokens = _case("show_attend_tell")
     att = attribute_caption(cap, img, tokens, "attention")
@@ -214,9 +227,29 @@ def test_real_encoder_ig_and_grad_cam(real_captioner):
     gap = a.logprob - a.metadata["baseline_logprob"]
     assert abs(float(a.raw.sum()) - gap) <= a.metadata["convergence_delta"] + 1e-4
     g = attribute(cap, img, tokens, 1, "grad_cam")
-    assert g.raw.shape == (7, 7) and g.map.min() >= 0
+    assert g.metadata["layer"] == "stage5.block10"  # the last stride-16 stage of EfficientNet-Lite0
+    assert g.raw.shape == (14, 14) and g.map.min() >= 0
+    classic = attribute(cap, img, tokens, 1, "grad_cam", layer="features", gradients="mean")
+    assert classic.raw.shape == (7, 7) and classic.metadata["layer"] == "features"
     assert all(not p.requires_grad for p in cap.encoder.parameters())
     assert not cap.encoder.training
+    with pytest.raises(ValueError, match="grad_cam layer"):
+        attribute(cap, img, tokens, 1, "grad_cam", layer="stage9")
+    with pytest.raises(ValueError, match="grad_cam gradients"):
+        attribute(cap, img, tokens, 1, "grad_cam", gradients="max")
+
+
+def test_real_encoder_grad_cam_all_words_equals_word_by_word(real_captioner):
+    # The batched path runs only the stages after the CAM layer on one copy per word.
+    cap = real_captioner
+    img = _photo()
+    tokens = [4, 5, 6]
+    for opts in ({}, {"gradients": "mean", "relu": False}, {"layer": "features"}):
+        fast = grad_cam_all_words(cap, img, tokens, **opts)
+        for t in range(len(tokens) + 1):
+            slow = attribute(cap, img, tokens, t, "grad_cam", **opts)
+            np.testing.assert_allclose(fast[t].raw, slow.raw, atol=1e-5 * float(np.abs(slow.raw).max()) + 1e-9)
+            assert fast[t].metadata["layer"] == slow.metadata["layer"]
 
 
 
