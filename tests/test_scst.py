@@ -160,3 +160,17 @@ def test_ship_a_fine_tuned_run(synth, features_dir, tmp_path):
     card = (dest / "MODEL_CARD.md").read_text()
     assert "Self-critical fine-tuning" in card and "--init runs/sat_xe/best --scst" in card
     assert json.loads((dest / "metrics.json").read_text())["metrics"]["CIDEr"] >= 0
+
+
+def test_scst_ddp_two_ranks_end_identical(synth, features_dir, tmp_path):
+    """Under torchrun the SCST step bypasses DDP's forward, so gradients are averaged by hand:
+    both ranks must still end with identical weights, moved away from the starting bundle."""
+    from test_train import run_ddp
+
+    xe, cfg = _xe_then_scst(synth, features_dir, tmp_path, epochs=1, lr=1e-3, seed=3)
+    w0, w1, _, _ = run_ddp(synth, features_dir, tmp_path / "ddp", {k: v for k, v in vars(cfg).items()})
+    start, _, _ = load_bundle(xe / "best")
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    assert not torch.equal(w0["fc.weight"], start.state_dict()["fc.weight"])
