@@ -69,6 +69,7 @@ class ModelInfo:
     has_attention: bool = False
     error: Optional[str] = None
     stamp: float = 0.0  # weights' modification time: a retrained bundle gets a new cache key
+    length_penalty: float = 0.0  # the bundle's recommended decoding (config.json "decoding")
 
     @property
     def key(self) -> str:
@@ -101,8 +102,9 @@ def list_models(root: Optional[Path] = None) -> list[ModelInfo]:
             w = d / "model.safetensors"
             stamp = w.stat().st_mtime if w.is_file() else 0.0
             err = None if w.is_file() else f"{w}: missing"
+            lp = float((cfg.get("decoding") or {}).get("length_penalty", 0.0))
             out.append(ModelInfo(d.name, str(d), kind, str(cfg["encoder"].get("name", "")),
-                                 kind == "show_attend_tell", err, stamp))
+                                 kind == "show_attend_tell", err, stamp, lp))
         except (BundleError, KeyError, TypeError, AttributeError, OSError) as e:
             out.append(ModelInfo(d.name, str(d), error=str(e).splitlines()[0]))
     rank = {n: i for i, n in enumerate(MODEL_ORDER)}

@@ -192,8 +192,9 @@ def sidebar() -> Current:
 
     with sb.expander("Decoding", expanded=False):
         beam = st.slider("Beam size", 1, 10, 3, key="beam")
-        lp = st.slider("Length penalty", 0.0, 2.0, 0.0, 0.1, key="length_penalty",
-                       help="Beams are ranked by log-probability / length^penalty (0: plain log-probability)")
+        lp = st.slider("Length penalty", 0.0, 2.0, model.length_penalty if model else 0.0, 0.1, key="length_penalty",
+                       help="Beams are ranked by log-probability / length^penalty (0: plain log-probability); "
+                            "the default is the model's, chosen on the dev split")
         nbest = st.slider("N-best", 1, 10, 3, key="nbest", help="How many captions to list (at most the beam size)")
     cur = Current(model, models, data, None, label, fname, beam=int(beam), length_penalty=float(lp),
                   nbest=int(min(nbest, beam)))

@@ -73,6 +73,14 @@ class Captioner:
         self.config = config or {}
         self.ids = SpecialIds(vocab.pad, vocab.start, vocab.end, vocab.unk)
 
+    @property
+    def default_length_penalty(self) -> float:
+        """The length penalty the bundle recommends (its ``decoding`` section, chosen on the
+        dev split); 0 when it names none and for ensembles."""
+        if isinstance(self.decoder, Ensemble):
+            return 0.0
+        return float((self.config.get("decoding") or {}).get("length_penalty", 0.0))
+
     @classmethod
     def from_pretrained(cls, path: Union[str, Path, Sequence[Union[str, Path]], None] = None,
                         encoder: Optional[Encoder] = None) -> "Captioner":
@@ -112,7 +120,7 @@ class Captioner:
 
     @torch.no_grad()
     def caption(self, images: Union[ImageInput, Sequence[ImageInput]], beam_size: int = 3, nbest: int = 1,
-                max_len: int = 20, min_len: int = 1, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
+                max_len: int = 20, min_len: int = 1, length_penalty: Optional[float] = None, no_repeat_ngram: int = 0,
                 method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
                 return_lattice: bool = False, batch_size: int = 64, seed: Optional[int] = None
                 ) -> list[CaptionResult]:
@@ -120,7 +128,8 @@ class Captioner:
 
         Args:
             method: "beam" (default), "greedy" or "sample" (temperature, top_k, seed).
-            beam_size, nbest, length_penalty, no_repeat_ngram, min_len, max_len: beam search settings.
+            beam_size, nbest, length_penalty, no_repeat_ngram, min_len, max_len: beam search settings;
+                length_penalty None is the bundle's ``default_length_penalty``.
             allow_unk: let the model say <unk> (off: it is masked out).
             return_lattice: keep what beam search considered at each step.
         Returns:
@@ -143,11 +152,13 @@ class Captioner:
 
     @torch.no_grad()
     def caption_features(self, grid: torch.Tensor, pooled: torch.Tensor, beam_size: int = 3, nbest: int = 1,
-                         max_len: int = 20, min_len: int = 1, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
-                         method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
+                         max_len: int = 20, min_len: int = 1, length_penalty: Optional[float] = None,
+                         no_repeat_ngram: int = 0, method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
                          return_lattice: bool = False, generator: Optional[torch.Generator] = None
                          ) -> list[CaptionResult]:
         """Like ``caption`` but from encoder output: grid (B, P, C), pooled (B, C)."""
+        if length_penalty is None:
+            length_penalty = self.default_length_penalty
         common = dict(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk, ids=self.ids)
         if method == "beam":
             lat = Lattice() if return_lattice else None

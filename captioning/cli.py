@@ -108,9 +108,10 @@ def cmd_agreement(a: argparse.Namespace) -> int:
 
 def cmd_ship(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .modelcard import ship, write_card
+    from .modelcard import set_decoding, ship, write_card
 
     dest = ship(a.run, a.name, a.dest) if a.dest else ship(a.run, a.name)
+    set_decoding(dest, a.beam, a.length_penalty)
     res = evaluate(dest, a.data, split="test", beam_size=a.beam, features=a.features,
                    length_penalty=a.length_penalty)
     cfg = json.loads((Path(a.run) / "config.json").read_text())
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help=f"model folder (default: {DEFAULT_MODEL})")
     c.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
     c.add_argument("--nbest", type=int, default=1, help="how many captions per image")
-    c.add_argument("--length-penalty", type=float, default=0.0)
+    c.add_argument("--length-penalty", type=float, default=None, help="default: the model's (config.json decoding)")
     c.add_argument("--json", action="store_true", help="print one JSON document")
     c.set_defaults(fn=cmd_caption)
 
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", default=None)
     v.add_argument("--split", default="test")
     v.add_argument("--beam", type=int, default=3)
-    v.add_argument("--length-penalty", type=float, default=0.0)
+    v.add_argument("--length-penalty", type=float, default=None, help="default: the model's (config.json decoding)")
     v.add_argument("--limit", type=int, default=0)
     v.add_argument("--features", default=str(DEFAULT_FEATURES))
     v.add_argument("--out", default=None, help="where metrics.json and captions go (default: the model folder)")
@@ -184,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dest", default=None, help="models folder (default: assets/models)")
     s.add_argument("--data", default=None)
     s.add_argument("--beam", type=int, default=3)
-    s.add_argument("--length-penalty", type=float, default=0.0)
+    s.add_argument("--length-penalty", type=float, default=0.0,
+                   help="chosen on the dev split; recorded as the model's default (config.json decoding)")
     s.add_argument("--features", default=str(DEFAULT_FEATURES))
     s.add_argument("--notes", default=None)
     s.set_defaults(fn=cmd_ship)

@@ -18,7 +18,8 @@ from .metrics import score_captions
 
 
 def evaluate(model: str | Path | list | None = None, data: str | Path | None = None, split: str = "test",
-             beam_size: int = 3, limit: int = 0, features: str | Path | None = None, length_penalty: float = 0.0,
+             beam_size: int = 3, limit: int = 0, features: str | Path | None = None,
+             length_penalty: Optional[float] = None,
              out: str | Path | None = None, batch_size: int = 64, use_java: Optional[bool] = None,
              progress: bool = True) -> dict:
     """Caption every image of ``split`` with beam search and score against the references.
@@ -37,6 +38,8 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
         raise ValueError("an ensemble's results need --out DIR")
     model = models[0]
     cap = Captioner.from_pretrained(models)
+    if length_penalty is None:
+        length_penalty = cap.default_length_penalty
     ds = load_dataset(data)
     images = ds.split(split)
     if limit:

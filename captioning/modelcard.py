@@ -52,6 +52,17 @@ def ship(run: str | Path, name: str, dest_root: str | Path = MODELS_DIR) -> Path
     return dest
 
 
+def set_decoding(model: str | Path, beam_size: int, length_penalty: float) -> None:
+    """Record the decoding settings chosen on the dev split in the bundle's config.json: the
+    Captioner, the CLI and the app use them unless told otherwise."""
+    p = Path(model) / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["decoding"] = {"beam_size": int(beam_size), "length_penalty": float(length_penalty)}
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2))
+    tmp.replace(p)
+
+
 def _curve(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []

@@ -529,3 +529,18 @@ def test_missing_explain_functions_show_a_note(models, monkeypatch):
     no_exceptions(at)
     assert len(at.dataframe[0].value) == 5  # ImageNet top-5 still shown
     assert any("not available" in i.value for i in at.info)
+
+
+def test_length_penalty_defaults_to_the_models(models, tmp_path):
+    """The sidebar starts at the length penalty the bundle records (chosen on the dev split)."""
+    import shutil
+
+    from captioning.modelcard import set_decoding
+
+    root = tmp_path / "models"
+    shutil.copytree(models, root)
+    set_decoding(root / "show_attend_tell", 3, 0.7)
+    at = app(models_dir=root)
+    no_exceptions(at)
+    assert at.slider(key="length_penalty").value == pytest.approx(0.7)
+    assert "length penalty 0.7" in " ".join(c.value for c in at.caption)

@@ -495,3 +495,21 @@ def test_cli_subprocess(bundle, images, bad_image, tmp_path):
     assert "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+
+
+def test_bundle_decoding_default(tmp_path, decoder, vocab, encoder, images):
+    """A bundle's recorded length penalty is what caption() and evaluate use unless told otherwise;
+    an ensemble (whose members may disagree) uses none."""
+    from captioning.modelcard import set_decoding
+
+    folder = save_bundle(tmp_path / "m", decoder, vocab, "efficientnet-lite0", half=False)
+    assert Captioner.from_pretrained(folder, encoder=encoder).default_length_penalty == 0.0
+    set_decoding(folder, 3, 2.0)
+    cap = Captioner.from_pretrained(folder, encoder=encoder)
+    assert cap.default_length_penalty == 2.0 and read_config(folder)["decoding"] == {"beam_size": 3, "length_penalty": 2.0}
+    plain = cap.caption(images, beam_size=3, nbest=3)
+    same_captions(plain, cap.caption(images, beam_size=3, nbest=3, length_penalty=2.0))
+    # A penalty of 2 favours long captions strongly enough to change some ranking here.
+    zero = cap.caption(images, beam_size=3, nbest=3, length_penalty=0.0)
+    assert [[c.score for c in r.captions] for r in zero] != [[c.score for c in r.captions] for r in plain]
+    assert Captioner.from_pretrained([folder, folder], encoder=encoder).default_length_penalty == 0.0
