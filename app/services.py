@@ -326,9 +326,9 @@ def word_labels(words: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------- scores
 
 def _tok(s: str) -> str:
-    from captioning.metrics import _py_tokenize
+    from captioning.metrics import py_tokenize
 
-    return _py_tokenize({"x": [s]})["x"][0]
+    return py_tokenize({"x": [s]})["x"][0]
 
 
 def _ngrams(s: str, n: int = 4) -> Counter:

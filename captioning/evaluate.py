@@ -117,7 +117,7 @@ def _per_pair_scores(preds: dict, refs: dict, java: bool) -> dict[str, list[floa
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.rouge.rouge import Rouge
 
-    from .metrics import _py_tokenize
+    from .metrics import py_tokenize
 
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
@@ -126,7 +126,7 @@ def _per_pair_scores(preds: dict, refs: dict, java: bool) -> dict[str, list[floa
             gts = PTBTokenizer().tokenize({k: [{"caption": c} for c in refs[k]] for k in preds})
             res = PTBTokenizer().tokenize({k: [{"caption": preds[k]}] for k in preds})
     else:
-        gts, res = _py_tokenize(refs), _py_tokenize({k: [v] for k, v in preds.items()})
+        gts, res = py_tokenize(refs), py_tokenize({k: [v] for k, v in preds.items()})
     out: dict[str, list[float]] = {}
     with contextlib.redirect_stdout(io.StringIO()):
         out["BLEU-1"] = list(map(float, Bleu(4).compute_score(gts, res)[1][0]))

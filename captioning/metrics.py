@@ -26,7 +26,8 @@ class Scores:
     per_image: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _py_tokenize(d: dict[str, list[str]]) -> dict[str, list[str]]:
+def py_tokenize(d: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The no-Java tokenizer: lower-case words, punctuation dropped; each caption re-joined by spaces."""
     return {k: [" ".join(t for t in tokenize(s) if t.isalnum() or "'" in t or "-" in t) for s in v] for k, v in d.items()}
 
 
@@ -61,8 +62,8 @@ def score_captions(preds: dict[str, str], refs: dict[str, list[str]], use_java: 
             res = tok.tokenize({k: [{"caption": preds[k]}] for k in ids})
         tokenizer = "ptb"
     else:
-        gts = _py_tokenize({k: refs[k] for k in ids})
-        res = _py_tokenize({k: [preds[k]] for k in ids})
+        gts = py_tokenize({k: refs[k] for k in ids})
+        res = py_tokenize({k: [preds[k]] for k in ids})
         tokenizer = "python"
         if "meteor" in metrics:
             notes.append("METEOR left out: it needs Java, which is not installed; BLEU/ROUGE-L/CIDEr use a Python tokenizer")

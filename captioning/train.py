@@ -40,9 +40,9 @@ from .decoders import Decoder, build_decoder
 from .decoding import SpecialIds, sample_decode
 from .features import FeatureCache, extract_features, find_cache
 from .images import Preprocessing
-from .metrics import score_captions
+from .metrics import py_tokenize, score_captions
 from .scst import EOS, CiderD, scst_loss
-from .vocab import Vocab, tokenize
+from .vocab import Vocab
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FEATURES = REPO_ROOT / ".cache" / "features"
@@ -269,8 +269,8 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         # One row per image: each batch samples captions for images and scores them on their references.
         rows = np.asarray([index[k] for k in train_imgs], dtype=np.int64)
         names = np.asarray(train_imgs)
-        cider = CiderD({k: [[w for w in tokenize(c) if w.isalnum() or "'" in w or "-" in w] + [EOS]
-                            for c in ds.captions[k]] for k in train_imgs})
+        refs = py_tokenize({k: ds.captions[k] for k in train_imgs})  # as the no-Java validation CIDEr
+        cider = CiderD({k: [c.split() + [EOS] for c in v] for k, v in refs.items()})
     else:
         rows, caps = encode_captions(ds, train_imgs, index, vocab, cfg.max_tokens)
     per_rank = len(rows) // world
