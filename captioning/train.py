@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .bundle import load_bundle, read_config, save_bundle
+from .bundle import VOCAB, load_bundle, read_config, save_bundle
 from .data import CaptionDataset, load_dataset
 from .decoders import Decoder, build_decoder
 from .decoding import SpecialIds, sample_decode
@@ -241,7 +241,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
             print(f"note: {ckpt} has no checkpoint; starting a new run")
         resume = False
         if cfg.init:
-            vocab = load_bundle(cfg.init)[1]
+            vocab = Vocab.load(Path(cfg.init) / VOCAB)  # load_bundle below checks it against the weights
         else:
             vocab = Vocab.build([c for k in train_imgs for c in ds.captions[k]], cfg.min_count)
         if rank == 0:
@@ -252,8 +252,13 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
                 csv.writer(f).writerow(CSV_FIELDS)
 
     torch.manual_seed(cfg.seed)
+    init: Optional[tuple[Decoder, Vocab, dict]] = None  # (decoder, vocab, config) of cfg.init
     if cfg.init:
-        decoder = _init_from_bundle(cfg, cache.meta["channels"])
+        init = load_bundle(cfg.init)
+        decoder = init[0].train()
+        if decoder.config.feature_dim != cache.meta["channels"]:
+            raise ValueError(f"{cfg.init}: expects {decoder.config.feature_dim} feature channels, "
+                             f"the cache has {cache.meta['channels']}")
     else:
         decoder = build_decoder(cfg.decoder, decoder_config(cfg, len(vocab), cache.meta["channels"]))
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -335,9 +340,9 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
             if score > state["best"]:
                 state.update(best=score, bad_epochs=0, lr_bad=0)
                 training = {"epoch": epoch + 1, f"val_{cfg.select_metric}": score, "config": asdict(cfg)}
-                if cfg.init:
+                if init:
                     # How the starting model was trained, so the model card can give both stages.
-                    training["init_training"] = read_config(cfg.init).get("training")
+                    training["init_training"] = init[2].get("training")
                 save_bundle(out / "best", decoder, vocab, cfg.encoder, prep, extra={"training": training})
             else:
                 state["bad_epochs"] += 1
@@ -360,14 +365,6 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         if rank == 0:
             save_checkpoint(ckpt, decoder, opt, state)
     return out
-
-
-def _init_from_bundle(cfg: TrainConfig, channels: int) -> Decoder:
-    """The bundle's decoder in float32 and train mode."""
-    decoder, _, _ = load_bundle(cfg.init)
-    if decoder.config.feature_dim != channels:
-        raise ValueError(f"{cfg.init}: expects {decoder.config.feature_dim} feature channels, the cache has {channels}")
-    return decoder.train()
 
 
 def _append_csv(path: Path, row: dict, epoch: int) -> None:

@@ -190,14 +190,14 @@ DDP_SCRIPT = textwrap.dedent("""
             opts.append(self)
 
     T.build_decoder = spy
-    init = T._init_from_bundle
+    load = T.load_bundle
 
-    def spy_init(*a, **k):  # a run that starts from a bundle (--init) builds it here instead
-        d = init(*a, **k)
-        made.append(d)
+    def spy_load(*a, **k):  # a run that starts from a bundle (--init) loads its decoder instead
+        d = load(*a, **k)
+        made.append(d[0])
         return d
 
-    T._init_from_bundle = spy_init
+    T.load_bundle = spy_load
     torch.optim.Adam = SpyAdam
     data, out, features, cfg = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     T.train(data, out, T.TrainConfig(**cfg), features=features, progress=False)
