@@ -122,6 +122,35 @@ _CONV_BN_PAIRS = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"), ("_expand_conv
 _FUSED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module]]" = weakref.WeakKeyDictionary()
 
 
+_MALLOC_TUNED: Optional[bool] = None  # None: not tried yet
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing the attribution methods' activation buffers back to the OS.
+
+    A gradient method allocates and frees the same tens-of-MB activations on every
+    forward/backward pass. By default glibc serves blocks over 32 MB with a fresh ``mmap`` and
+    trims freed memory at the top of the heap, so every pass page-faults its buffers in again:
+    on 2 cores that system time was a quarter of Integrated Gradients' wall time
+    (bench/bench_explain.py, README "Speed"). Raising both thresholds keeps the memory in the
+    process for reuse. Process-wide, once; a no-op (returns False) where the C library is not
+    glibc.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED is not None:
+        return _MALLOC_TUNED
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        _MALLOC_TUNED = bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        _MALLOC_TUNED = False
+    return _MALLOC_TUNED
+
+
 def inference_encoder(encoder: nn.Module) -> nn.Module:
     """The encoder with its eval-mode BatchNorms folded into the convolutions before them (and
     symmetric TensorFlow-style static padding moved into the convolutions).
@@ -134,6 +163,7 @@ def inference_encoder(encoder: nn.Module) -> nn.Module:
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+    keep_freed_memory()
     params = list(encoder.parameters())
     if encoder.training or any(p.requires_grad for p in params):
         return encoder
