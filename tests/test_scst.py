@@ -99,12 +99,14 @@ def _xe_then_scst(synth, features_dir, tmp_path, **scst_kw):
 
 def test_scst_fine_tuning_raises_reward_and_cider(synth, features_dir, tmp_path):
     # The bundle decides the decoder, whatever the config says.
-    xe, cfg = _xe_then_scst(synth, features_dir, tmp_path, epochs=6, lr=3e-3, decoder="merge")
+    # Margins checked over SCST seeds 0-4: the reward's rise was 0.10-0.49 and greedy CIDEr-D's
+    # 0.44-2.65 (the per-epoch reward is a noisy mean over few images; six epochs were too few).
+    xe, cfg = _xe_then_scst(synth, features_dir, tmp_path, epochs=10, lr=3e-3, decoder="merge")
     run = train(str(synth.root), tmp_path / "scst", cfg, features=features_dir, progress=False)
     rows = read_metrics(run)
-    assert len(rows) == 6
+    assert len(rows) == 10
     rewards = [float(r["train_reward"]) for r in rows]
-    assert max(rewards[-3:]) > rewards[0] + 0.2, rewards
+    assert np.mean(rewards[-3:]) > rewards[0] + 0.05, rewards
     # The XE model's settings and vocabulary carry over; the run records where it started.
     saved = json.loads((run / "config.json").read_text())
     assert saved["init"] == str(xe / "best") and saved["decoder"] == "show_attend_tell"
@@ -126,7 +128,7 @@ def test_scst_fine_tuning_raises_reward_and_cider(synth, features_dir, tmp_path)
     _, p1 = greedy_bleu(after, cache, {n: synth.captions[n] for n in names}, vocab)
     c0 = np.mean([cider.score(n, tokenize(p0[n]) + ["</s>"]) for n in names])
     c1 = np.mean([cider.score(n, tokenize(p1[n]) + ["</s>"]) for n in names])
-    assert c1 > c0 + 0.1, (c0, c1, p1)
+    assert c1 > c0 + 0.2, (c0, c1, p1)
 
 
 def test_scst_resume_is_exact(synth, features_dir, tmp_path):
