@@ -27,13 +27,6 @@ with right:
     st.caption(f"{cur.model.title} · beam {cur.beam}, length penalty {cur.length_penalty:g} · "
                f"log-probability {out.best['logprob']:.2f} · {out.seconds * 1000:.0f} ms")
 
-    st.markdown("**N-best captions**")
-    st.dataframe([{"#": i + 1, "caption": c["text"], "log-prob": round(c["logprob"], 3), "score": round(c["score"], 3),
-                   "ended": "yes" if c["finished"] else "no (max length)"} for i, c in enumerate(out.captions)],
-                 hide_index=True, width="stretch",
-                 column_config={"#": st.column_config.NumberColumn("#", width=40),
-                                "caption": st.column_config.TextColumn("caption", width="large")})
-
     if cur.flickr_name:
         refs = sv.flickr_references(cur.flickr_name)
         if refs:
@@ -45,6 +38,19 @@ with right:
             if "CIDEr" in s:
                 c2.metric("CIDEr-D (this photo)", f"{s['CIDEr']:.3f}",
                           help="Document frequencies from the Flickr8k training captions")
+
+st.markdown("**N-best captions**")
+# Full width, below the photo and the caption: the whole caption and its scores stay in view.
+st.dataframe([{"#": i + 1, "caption": c["text"], "log-prob": c["logprob"], "score": c["score"],
+               "ended": "yes" if c["finished"] else "no (max length)"} for i, c in enumerate(out.captions)],
+             hide_index=True, width="stretch",
+             column_config={"#": st.column_config.NumberColumn("#", width=30),
+                            "caption": st.column_config.TextColumn("caption", width="large"),
+                            "log-prob": st.column_config.NumberColumn("log-prob", format="%.3f"),
+                            "score": st.column_config.NumberColumn("score", format="%.3f",
+                                                                   help="log-probability / length^penalty, "
+                                                                        "what the beam ranks by"),
+                            "ended": st.column_config.TextColumn("ended")})
 
 st.divider()
 words = out.words
