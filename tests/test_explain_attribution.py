@@ -284,7 +284,6 @@ def test_ensemble_of_decoders():
         np.testing.assert_allclose(fast[t].map, attribute(cap, img, res.tokens, t, "grad_cam").map, atol=1e-6)
 
 
-
 _REFAULT_PROBE = """
 import resource, sys, torch
 torch.set_num_threads(1)
