@@ -63,7 +63,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .features import extract_features
 
-    folder = extract_features(load_dataset(a.data), a.encoder, a.out)
+    folder = extract_features(load_dataset(a.data), a.encoder, a.out, flip=a.flip)
     print(folder)
     return 0
 
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="dataset folder/JSON/CSV (default: ../shared/data/flickr8k)")
     e.add_argument("--encoder", default="efficientnet-lite0")
     e.add_argument("--out", default=str(DEFAULT_FEATURES))
+    e.add_argument("--flip", action="store_true",
+                   help="mirror every photo left to right (the view `train --flip-prob` reads)")
     e.set_defaults(fn=cmd_extract)
 
     t = sub.add_parser("train", help="train a decoder on cached features")

@@ -5,8 +5,9 @@ Layout of a cache folder ``OUT/<encoder>-<key>/``:
   grid.f16       (N, P, C) float16, memory-mapped
   pooled.f16     (N, C) float16
   progress.json  how many images are done; written atomically after each chunk
-The key covers the encoder name, the preprocessing and the image list, so a cache made with
-other settings is never read by mistake. A killed run resumes at the first unfinished chunk.
+The key covers the encoder name, the preprocessing, the image list and the view (the photos as
+they are, or mirrored left to right for training-time augmentation), so a cache made with other
+settings is never read by mistake. A killed run resumes at the first unfinished chunk.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from .images import Preprocessing, load_image, preprocess
 CHUNK = 64
 
 
-def cache_key(encoder: str, prep: Preprocessing, images: list[str]) -> str:
-    h = hashlib.sha1(json.dumps([encoder, prep.to_dict(), images]).encode())
+def cache_key(encoder: str, prep: Preprocessing, images: list[str], flip: bool = False) -> str:
+    # The plain view keeps the key it had before mirrored views existed, so old caches stay valid.
+    h = hashlib.sha1(json.dumps([encoder, prep.to_dict(), images] + (["hflip"] if flip else [])).encode())
     return h.hexdigest()[:12]
 
 
@@ -77,16 +79,19 @@ class FeatureCache:
         return cls(folder, meta["images"], grid, pooled, meta)
 
 
-def find_cache(root: str | Path, encoder: str, prep: Preprocessing, images: list[str]) -> Path:
-    return Path(root) / f"{encoder}-{cache_key(encoder, prep, images)}"
+def find_cache(root: str | Path, encoder: str, prep: Preprocessing, images: list[str], flip: bool = False) -> Path:
+    return Path(root) / f"{encoder}{'-hflip' if flip else ''}-{cache_key(encoder, prep, images, flip)}"
 
 
 @torch.no_grad()
 def extract_features(ds: CaptionDataset, encoder_name: str, out_root: str | Path,
-                     prep: Preprocessing = Preprocessing(), progress: bool = True) -> Path:
-    """Fill (or finish) the cache for every image of ``ds``; returns the cache folder."""
+                     prep: Preprocessing = Preprocessing(), progress: bool = True, flip: bool = False) -> Path:
+    """Fill (or finish) the cache for every image of ``ds``; returns the cache folder.
+
+    With ``flip`` every photo is mirrored left to right first: a second view of the training set.
+    """
     images = sorted(ds.captions)
-    folder = find_cache(out_root, encoder_name, prep, images)
+    folder = find_cache(out_root, encoder_name, prep, images, flip)
     prog = folder / "progress.json"
     if prog.is_file() and json.loads(prog.read_text())["done"] >= len(images):
         return folder
@@ -96,7 +101,7 @@ def extract_features(ds: CaptionDataset, encoder_name: str, out_root: str | Path
     p, c = enc(x)[0].shape[1:]
     n = len(images)
     meta = {"encoder": encoder_name, "preprocessing": prep.to_dict(), "n": n, "positions": p, "channels": c,
-            "key": cache_key(encoder_name, prep, images), "images": images}
+            "key": cache_key(encoder_name, prep, images, flip), "flip": flip, "images": images}
     if not (folder / "meta.json").is_file():
         atomic_write_text(folder / "meta.json", json.dumps(meta))
     mode = "r+" if (folder / "grid.f16").is_file() else "w+"
@@ -105,9 +110,11 @@ def extract_features(ds: CaptionDataset, encoder_name: str, out_root: str | Path
     done = json.loads(prog.read_text())["done"] if prog.is_file() else 0
 
     def load(i: int) -> torch.Tensor:
-        return preprocess(load_image(ds.path(images[i])), prep)
+        x = preprocess(load_image(ds.path(images[i])), prep)  # (3, S, S)
+        return x.flip(-1) if flip else x
 
-    bar = tqdm(total=n, initial=done, unit="img", desc=f"features {encoder_name}", disable=not progress)
+    bar = tqdm(total=n, initial=done, unit="img", desc=f"features {encoder_name}{' (mirrored)' if flip else ''}",
+               disable=not progress)
     with ThreadPoolExecutor(max_workers=2) as pool:
         nxt = pool.map(load, range(done, min(done + CHUNK, n)))
         for start in range(done, n, CHUNK):

@@ -1,6 +1,8 @@
 """Training on cached encoder features, with validation, early stopping and exact resume.
 
-Teacher forcing with optional scheduled sampling (Bengio et al. 2015), dropout, Adam,
+Teacher forcing with optional scheduled sampling (Bengio et al. 2015), dropout, mirrored photos
+as augmentation (``flip_prob``: a second feature cache of every photo flipped left to right,
+with "left" and "right" swapped in its captions), Adam,
 a reduce-on-plateau learning rate, gradient clipping, and for ``show_attend_tell`` the doubly
 stochastic attention penalty (Xu et al. 2015). With ``scst`` the decoder (usually one already
 trained this way, given by ``init``) is fine-tuned on the CIDEr-D of its own samples instead
@@ -71,6 +73,7 @@ class TrainConfig:
     alpha_c: float = 1.0  # doubly stochastic attention weight (show_attend_tell)
     sample_prob_max: float = 0.0  # scheduled sampling: ramps linearly to this by the last epoch
     label_smoothing: float = 0.0
+    flip_prob: float = 0.0  # chance that a training caption is read with its photo mirrored
     min_count: int = 5
     max_tokens: int = 32  # longer training captions are cut (with <end> kept)
     select_metric: str = "cider"  # or "bleu4"
@@ -111,6 +114,31 @@ def encode_captions(ds: CaptionDataset, images: list[str], index: dict[str, int]
             rows.append(index[name])
             caps.append(ids + [vocab.pad] * (max_tokens - len(ids)))
     return np.asarray(rows, dtype=np.int64), np.asarray(caps, dtype=np.int64)
+
+
+MIRRORED_WORDS = (("left", "right"),)
+
+
+def mirror_captions(caps: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """Token ids (N, T) -> the same captions told of the mirrored photo: left <-> right."""
+    table = np.arange(len(vocab))
+    for a, b in MIRRORED_WORDS:
+        if a in vocab.stoi and b in vocab.stoi:
+            table[vocab.stoi[a]], table[vocab.stoi[b]] = vocab.stoi[b], vocab.stoi[a]
+    return table[caps]
+
+
+def read_views(caches: list[FeatureCache], rows: np.ndarray, views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (b,) read from ``caches[views[i]]`` -> grid (b, P, C), pooled (b, C)."""
+    if len(caches) == 1 or not views.any():
+        return caches[0].batch(rows)
+    g = torch.empty((len(rows),) + caches[0].grid.shape[1:])
+    p = torch.empty((len(rows), caches[0].pooled.shape[1]))
+    for v, cache in enumerate(caches):
+        sel = np.flatnonzero(views == v)
+        if len(sel):
+            g[sel], p[sel] = cache.batch(rows[sel])
+    return g, p
 
 
 def caption_loss(decoder: torch.nn.Module, grid, pooled, caps, alpha_c: float, sample_prob: float,
@@ -251,6 +279,15 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
             with (out / "metrics.csv").open("w", newline="") as f:
                 csv.writer(f).writerow(CSV_FIELDS)
 
+    flip = cfg.flip_prob > 0 and not cfg.scst  # cfg is final here: a resumed run's own settings
+    caches = [cache]
+    if flip:
+        if rank == 0:
+            extract_features(ds, cfg.encoder, features, prep, progress=progress, flip=True)
+        if world > 1:
+            dist.barrier()
+        caches.append(FeatureCache.open(find_cache(features, cfg.encoder, prep, images_all, flip=True)))
+
     torch.manual_seed(cfg.seed)
     init: Optional[tuple[Decoder, Vocab, dict]] = None  # (decoder, vocab, config) of cfg.init
     if cfg.init:
@@ -278,6 +315,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         cider = CiderD({k: [c.split() + [EOS] for c in v] for k, v in refs.items()})
     else:
         rows, caps = encode_captions(ds, train_imgs, index, vocab, cfg.max_tokens)
+        caps_views = [caps, mirror_captions(caps, vocab)] if flip else [caps]
     per_rank = len(rows) // world
     n_batches = math.ceil(per_rank / cfg.batch_size)
     batches_run = 0
@@ -287,6 +325,9 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         # The order depends only on (seed, epoch): a resumed run sees the same batches.
         perm = np.random.default_rng(cfg.seed + epoch).permutation(len(rows))[: per_rank * world]
         perm = perm[rank::world]
+        # Which captions see the mirrored photo this epoch: also a function of (seed, epoch) only.
+        views = (np.random.default_rng([cfg.seed, epoch, 1]).random(len(rows)) < cfg.flip_prob).astype(np.int64) \
+            if flip else np.zeros(len(rows), dtype=np.int64)
         sample_prob = cfg.sample_prob_max * epoch / max(1, cfg.epochs - 1)
         decoder.train()
         t0 = time.time()
@@ -294,13 +335,14 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
                    disable=not progress or rank != 0, unit="batch", mininterval=15)
         for b in range(state["batch"], n_batches):
             idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            g, p = cache.batch(rows[idx])
+            g, p = read_views(caches, rows[idx], views[idx])
             if cfg.scst:
                 loss, reward = scst_loss(decoder, g, p, names[idx].tolist(), cider,
                                          vocab.itos, cfg.scst_samples, cfg.scst_max_len)
                 state["reward_sum"] = state.get("reward_sum", 0.0) + reward
             else:
-                loss = caption_loss(model, g, p, torch.from_numpy(caps[idx]),
+                tok = np.where(views[idx, None] == 1, caps_views[-1][idx], caps[idx])  # (b, T)
+                loss = caption_loss(model, g, p, torch.from_numpy(tok),
                                     cfg.alpha_c if decoder.has_attention else 0.0, sample_prob, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -22,9 +22,9 @@ from captioning.bundle import load_bundle
 from captioning.decoders import build_decoder
 from captioning.decoding import SpecialIds, sample_decode
 from captioning.features import FeatureCache, find_cache
-from captioning.images import Preprocessing
+from captioning.images import Preprocessing, load_image, preprocess
 from captioning.metrics import score_captions
-from captioning.train import TrainConfig, caption_loss, decoder_config, train
+from captioning.train import TrainConfig, caption_loss, decoder_config, mirror_captions, train
 from captioning.vocab import Vocab
 
 from conftest import KINDS, REPO_ROOT
@@ -113,7 +113,8 @@ def _checkpoint(run: Path) -> tuple[dict, dict]:
 def test_resume_is_exact(synth, features_dir, tmp_path, decoder, capsys):
     """Interrupted twice (once at an epoch's last batch, once mid-epoch) and resumed, a run ends with
     exactly the weights, Adam moments and RNG state of one that ran straight through."""
-    cfg = TrainConfig(decoder=decoder, epochs=3, lr=3e-3, dropout=0.5, sample_prob_max=0.5, seed=7, **SMALL)
+    cfg = TrainConfig(decoder=decoder, epochs=3, lr=3e-3, dropout=0.5, sample_prob_max=0.5, flip_prob=0.5, seed=7,
+                      **SMALL)
     whole = train(str(synth.root), tmp_path / "whole", cfg, features=features_dir, progress=False)
     n_batches = math.ceil(sum(len(synth.captions[n]) for n in synth.splits["train"]) / cfg.batch_size)
     assert n_batches == 6
@@ -148,6 +149,38 @@ def test_resume_is_exact(synth, features_dir, tmp_path, decoder, capsys):
     da, _, _ = load_bundle(whole / "best")
     db, _, _ = load_bundle(part / "best")
     assert all(torch.equal(v, db.state_dict()[k]) for k, v in da.state_dict().items())
+
+
+def test_mirrored_view_is_the_encoder_on_flipped_photos(synth, features_dir, tmp_path, encoder):
+    """``flip_prob`` trains on a second cache: every photo mirrored left to right, encoded."""
+    cfg = TrainConfig(decoder="show_tell", epochs=1, flip_prob=0.5, **SMALL)
+    train(str(synth.root), tmp_path / "r", cfg, features=features_dir, progress=False, max_batches=1)
+    images = sorted(synth.captions)
+    plain = FeatureCache.open(find_cache(features_dir, cfg.encoder, Preprocessing(), images))
+    mirrored = FeatureCache.open(find_cache(features_dir, cfg.encoder, Preprocessing(), images, flip=True))
+    assert mirrored.folder != plain.folder and mirrored.images == plain.images and mirrored.meta["flip"]
+    names = [images[0], images[7]]
+    rows = np.asarray([mirrored.index()[n] for n in names])
+    pix = torch.stack([preprocess(load_image(synth.image_dir / n)) for n in names])  # (2, 3, S, S)
+    with torch.no_grad():
+        want_g, want_p = encoder(pix.flip(-1))
+        plain_g, _ = encoder(pix)
+    g, p = mirrored.batch(rows)
+    assert torch.allclose(g, want_g, atol=0.02, rtol=0.01) and torch.allclose(p, want_p, atol=0.02, rtol=0.01)
+    assert not torch.allclose(g, plain_g, atol=0.1)  # a different view, not a copy
+
+
+def test_mirrored_captions_swap_left_and_right():
+    vocab = Vocab.build(["a dog on the left of a man", "a man on the right"], min_count=1)
+    ids = [vocab.encode("a dog on the left of a man"), vocab.encode("the right man on the left")]
+    T = max(map(len, ids))
+    caps = np.asarray([i + [0] * (T - len(i)) for i in ids])
+    out = mirror_captions(caps, vocab)
+    assert [vocab.decode(r) for r in out] == ["a dog on the right of a man", "the left man on the right"]
+    assert (mirror_captions(out, vocab) == caps).all()
+    no_sides = Vocab.build(["a dog"], min_count=1)
+    row = np.asarray([no_sides.encode("a dog")])
+    assert (mirror_captions(row, no_sides) == row).all()  # a vocabulary without the words: unchanged
 
 
 def test_resume_without_checkpoint_starts_fresh(synth, features_dir, tmp_path, capsys):
