@@ -99,6 +99,8 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
         f"gradient clip {tc.get('grad_clip')}, lr ×{tc.get('lr_factor')} after {tc.get('lr_patience')} epochs without a "
         f"better dev {tc.get('select_metric')}, early stop after {tc.get('patience')}; "
         + (f"doubly stochastic attention λ={tc.get('alpha_c')}; " if kind == "show_attend_tell" else "")
+        + (f"each caption read with its photo mirrored left to right with probability {tc['flip_prob']} "
+           "(\"left\" and \"right\" swapped); " if tc.get("flip_prob") else "")
         + f"seed {tc.get('seed')}. Best epoch {(init or cfg.get('training', {})).get('epoch')} of "
         f"{len(rows_xe) if not init else 'the run'}; "
         f"training time {train_s / 60:.1f} min on a 2-core CPU machine (feature extraction not included).",
