@@ -73,7 +73,7 @@ class TrainConfig:
     alpha_c: float = 1.0  # doubly stochastic attention weight (show_attend_tell)
     sample_prob_max: float = 0.0  # scheduled sampling: ramps linearly to this by the last epoch
     label_smoothing: float = 0.0
-    flip_prob: float = 0.0  # chance that a training caption is read with its photo mirrored
+    flip_prob: float = 0.0  # chance that a training caption is read with its photo mirrored (not with scst)
     min_count: int = 5
     max_tokens: int = 32  # longer training captions are cut (with <end> kept)
     select_metric: str = "cider"  # or "bleu4"
