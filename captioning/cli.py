@@ -118,7 +118,7 @@ def cmd_ship(a: argparse.Namespace) -> int:
     init = (json.loads((dest / "config.json").read_text())["training"].get("init_training") or {}).get("config")
     xe = init or cfg
     xe_run = f"runs/{a.name}" + ("_xe" if init else "")
-    cmd = (f"python -m captioning extract-features --flip\n" if xe.get("flip_prob") else "")
+    cmd = ("python -m captioning extract-features --flip\n" if xe.get("flip_prob") else "")
     cmd += (f"python -m captioning train --decoder {xe['decoder']} --out {xe_run} --epochs {xe['epochs']} "
             f"--lr-patience {xe['lr_patience']} --patience {xe['patience']}"
             + (f" --flip-prob {xe['flip_prob']}" if xe.get("flip_prob") else "") + "\n")

@@ -315,7 +315,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         cider = CiderD({k: [c.split() + [EOS] for c in v] for k, v in refs.items()})
     else:
         rows, caps = encode_captions(ds, train_imgs, index, vocab, cfg.max_tokens)
-        caps_views = [caps, mirror_captions(caps, vocab)] if flip else [caps]
+        caps_mirrored = mirror_captions(caps, vocab) if flip else caps
     per_rank = len(rows) // world
     n_batches = math.ceil(per_rank / cfg.batch_size)
     batches_run = 0
@@ -341,7 +341,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
                                          vocab.itos, cfg.scst_samples, cfg.scst_max_len)
                 state["reward_sum"] = state.get("reward_sum", 0.0) + reward
             else:
-                tok = np.where(views[idx, None] == 1, caps_views[-1][idx], caps[idx])  # (b, T)
+                tok = np.where(views[idx, None] == 1, caps_mirrored[idx], caps[idx])  # (b, T)
                 loss = caption_loss(model, g, p, torch.from_numpy(tok),
                                     cfg.alpha_c if decoder.has_attention else 0.0, sample_prob, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
