@@ -63,7 +63,9 @@ def cmd_extract(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .features import extract_features
 
-    folder = extract_features(load_dataset(a.data), a.encoder, a.out, flip=a.flip)
+    from .images import Preprocessing
+
+    folder = extract_features(load_dataset(a.data), a.encoder, a.out, Preprocessing(size=a.image_size), flip=a.flip)
     print(folder)
     return 0
 
@@ -118,9 +120,11 @@ def cmd_ship(a: argparse.Namespace) -> int:
     init = (json.loads((dest / "config.json").read_text())["training"].get("init_training") or {}).get("config")
     xe = init or cfg
     xe_run = f"runs/{a.name}" + ("_xe" if init else "")
-    cmd = ("python -m captioning extract-features --flip\n" if xe.get("flip_prob") else "")
+    size = f" --image-size {xe['image_size']}" if xe.get("image_size", 224) != 224 else ""
+    cmd = (f"python -m captioning extract-features{size}\n" if size else "")
+    cmd += (f"python -m captioning extract-features --flip{size}\n" if xe.get("flip_prob") else "")
     cmd += (f"python -m captioning train --decoder {xe['decoder']} --out {xe_run} --epochs {xe['epochs']} "
-            f"--lr-patience {xe['lr_patience']} --patience {xe['patience']}"
+            f"--lr-patience {xe['lr_patience']} --patience {xe['patience']}{size}"
             + (f" --flip-prob {xe['flip_prob']}" if xe.get("flip_prob") else "") + "\n")
     if init:
         cmd += (f"python -m captioning train --init {xe_run}/best --scst --out runs/{a.name} --epochs {cfg['epochs']} "
@@ -155,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=str(DEFAULT_FEATURES))
     e.add_argument("--flip", action="store_true",
                    help="mirror every photo left to right (the view `train --flip-prob` reads)")
+    e.add_argument("--image-size", type=int, default=224, help="encoder input side in pixels (train --image-size)")
     e.set_defaults(fn=cmd_extract)
 
     t = sub.add_parser("train", help="train a decoder on cached features")

@@ -74,6 +74,7 @@ class TrainConfig:
     sample_prob_max: float = 0.0  # scheduled sampling: ramps linearly to this by the last epoch
     label_smoothing: float = 0.0
     flip_prob: float = 0.0  # chance that a training caption is read with its photo mirrored (not with scst)
+    image_size: int = 224  # encoder input side in pixels; lite0 at 288 gives a 9x9 grid
     min_count: int = 5
     max_tokens: int = 32  # longer training captions are cut (with <end> kept)
     select_metric: str = "cider"  # or "bleu4"
@@ -241,12 +242,20 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
     """Train a decoder; returns the run folder. ``max_batches`` stops early (for tests of resume)."""
     rank, world = _dist_info()
     out = Path(out)
-    if cfg.init and not (resume and (out / "checkpoint" / "state.json").is_file()):
-        # The bundle decides the encoder and decoder; its own config the decoder's sizes.
+    ckpt = out / "checkpoint"
+    if resume and not (ckpt / "state.json").is_file():
+        print(f"note: {ckpt} has no checkpoint; starting a new run")
+        resume = False
+    if resume:
+        # A resumed run keeps its own settings, whatever this call says.
+        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    elif cfg.init:
+        # The bundle decides the encoder, decoder and preprocessing; its own config the decoder's sizes.
         b = read_config(cfg.init)
-        cfg = replace(cfg, encoder=b["encoder"]["name"], decoder=b["decoder"]["type"])
+        cfg = replace(cfg, encoder=b["encoder"]["name"], decoder=b["decoder"]["type"],
+                      image_size=int(b["preprocessing"]["size"]))
     ds = load_dataset(data)
-    prep = Preprocessing()
+    prep = Preprocessing(size=cfg.image_size)
     images_all = sorted(ds.captions)
     cache_dir = find_cache(features, cfg.encoder, prep, images_all)
     if rank == 0:
@@ -260,14 +269,9 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
     if cfg.val_limit:
         val_imgs = val_imgs[: cfg.val_limit]
 
-    ckpt = out / "checkpoint"
-    if resume and (ckpt / "state.json").is_file():
+    if resume:
         vocab = Vocab.load(out / "vocab.json")
-        cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
     else:
-        if resume:
-            print(f"note: {ckpt} has no checkpoint; starting a new run")
-        resume = False
         if cfg.init:
             vocab = Vocab.load(Path(cfg.init) / VOCAB)  # load_bundle below checks it against the weights
         else:
@@ -279,7 +283,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
             with (out / "metrics.csv").open("w", newline="") as f:
                 csv.writer(f).writerow(CSV_FIELDS)
 
-    flip = cfg.flip_prob > 0 and not cfg.scst  # cfg is final here: a resumed run's own settings
+    flip = cfg.flip_prob > 0 and not cfg.scst
     caches = [cache]
     if flip:
         if rank == 0:

@@ -183,6 +183,24 @@ def test_mirrored_captions_swap_left_and_right():
     assert (mirror_captions(row, no_sides) == row).all()  # a vocabulary without the words: unchanged
 
 
+def test_image_size_sets_the_grid_and_travels_with_the_model(synth, features_dir, tmp_path, encoder):
+    """``image_size`` 288 gives Lite0 a 9x9 grid; the bundle records it, so captioning from pixels
+    and a resumed run (given a 224 config) both use 288."""
+    cfg = TrainConfig(decoder="show_attend_tell", epochs=2, image_size=288, **SMALL)
+    run = tmp_path / "r"
+    train(str(synth.root), run, cfg, features=features_dir, progress=False, max_batches=2)
+    train(str(synth.root), run, TrainConfig(decoder="show_attend_tell", **SMALL), features=features_dir,
+          progress=False, resume=True)
+    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())).image_size == 288
+    cache = FeatureCache.open(find_cache(features_dir, cfg.encoder, Preprocessing(size=288), sorted(synth.captions)))
+    assert cache.grid.shape[1:] == (81, 1280)
+    _, _, bundle_cfg = load_bundle(run / "best")
+    assert bundle_cfg["preprocessing"]["size"] == 288
+    cap = Captioner.from_pretrained(run / "best", encoder=encoder)
+    res = cap.caption(synth.root / "Images" / synth.splits["test"][0], beam_size=2)[0]
+    assert res.attention.shape == (len(res.words) + res.best.finished, 9, 9)
+
+
 def test_resume_without_checkpoint_starts_fresh(synth, features_dir, tmp_path, capsys):
     cfg = TrainConfig(decoder="show_tell", epochs=1, **SMALL)
     run = train(str(synth.root), tmp_path / "r", cfg, features=features_dir, progress=False, resume=True)
