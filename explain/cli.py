@@ -62,9 +62,9 @@ def cmd_faithfulness(a: argparse.Namespace) -> int:
     model = Path(a.model) if a.model else default_model()
     if model is None:
         raise ValueError("no --model given and assets/models/show_attend_tell does not exist; pass --model DIR")
-    if a.block < 1 or 224 % a.block:
-        raise ValueError(f"--block must divide 224, got {a.block}")
     cap = Captioner.from_pretrained(model)
+    if a.block < 1 or cap.prep.size % a.block:
+        raise ValueError(f"--block must divide the model's input side {cap.prep.size}, got {a.block}")
     methods: list[str] = []
     for part in a.method:
         methods += [m.strip() for m in part.split(",") if m.strip()]

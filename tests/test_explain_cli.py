@@ -74,7 +74,7 @@ def test_faithfulness_table(bundle_and_data, capsys):
     (["--method", "attention"], "not available for this model"),
     (["--method", "lime"], "not available for this model"),
     (["--split", "train"], "no split 'train'"),
-    (["--block", "15"], "--block must divide 224"),
+    (["--block", "15"], "--block must divide the model's input side 224"),
 ])
 def test_errors_are_one_line(bundle_and_data, capsys, args, msg):
     root, data = bundle_and_data

@@ -197,6 +197,7 @@ def test_image_size_sets_the_grid_and_travels_with_the_model(synth, features_dir
     _, _, bundle_cfg = load_bundle(run / "best")
     assert bundle_cfg["preprocessing"]["size"] == 288
     cap = Captioner.from_pretrained(run / "best", encoder=encoder)
+    assert cap.grid_side == 9 and encoder.grid_side(224) == 7
     res = cap.caption(synth.root / "Images" / synth.splits["test"][0], beam_size=2)[0]
     assert res.attention.shape == (len(res.words) + res.best.finished, 9, 9)
 

@@ -91,6 +91,7 @@ try:
     cols[2].image(sv.overlay(cur.image, m), caption=f"{name} for “{words[t]}”", width="stretch", clamp=True)
 except (sv.NotAvailable, ValueError) as e:
     cols[2].info(str(e))
-st.caption("Attention: the decoder's own weights over the 7×7 grid (not an explanation by itself). The attribution "
+g = model.grid_side
+st.caption(f"Attention: the decoder's own weights over the {g}×{g} grid (not an explanation by itself). The attribution "
            "map explains the word's log-probability given the photo and the words before it. More methods and a "
            "faithfulness check are on the Explain page.")

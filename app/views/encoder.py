@@ -15,7 +15,7 @@ model = ui.require_captioner(cur)
 if model is None:
     st.stop()
 st.caption(f"Encoder: {cur.model.encoder or model.encoder.name} (frozen, ImageNet-trained); the decoder reads its last "
-           "feature map as a 7×7 grid.")
+           f"feature map as a {model.grid_side}×{model.grid_side} grid.")
 
 left, right = st.columns([2, 3], gap="large")
 left.image(cur.image, caption=cur.label, width="stretch")
