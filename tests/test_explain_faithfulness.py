@@ -147,7 +147,7 @@ def trained_deletion_aucs() -> dict[str, float]:
 
             cam.append(deletion(map_order(cams[t].map)))
             inv.append(deletion(map_order(-cams[t].map)))  # least salient first
-            rnd.append(np.mean([deletion(random_order(196, seed=s)) for s in range(3)]))
+            rnd.append(np.mean([deletion(random_order((x.size(-1) // 16) ** 2, seed=s)) for s in range(3)]))
     out = {"grad_cam": float(np.mean(cam)), "random": float(np.mean(rnd)), "least_salient_first": float(np.mean(inv))}
     print(f"deletion AUC over {len(cam)} words: {out}")
     return out
