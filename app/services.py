@@ -36,7 +36,7 @@ MAX_UPLOAD_MB = 20
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 #: Images are shown (and overlays drawn) at most this many pixels on their long side.
 DISPLAY_SIDE = 512
-#: The model is given the photo at most this large (it is stretched to its 224 or 288 px square anyway, and a
+#: The model is given the photo at most this large (it is stretched to its input square anyway, and a
 #: 50-megapixel photo should not sit in the per-image cache).
 MODEL_SIDE = 1024
 #: Preferred order of the shipped decoders; others follow alphabetically.

@@ -62,7 +62,6 @@ def cmd_caption(a: argparse.Namespace) -> int:
 def cmd_extract(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .features import extract_features
-
     from .images import Preprocessing
 
     folder = extract_features(load_dataset(a.data), a.encoder, a.out, Preprocessing(size=a.image_size), flip=a.flip)
