@@ -109,27 +109,13 @@ def cmd_agreement(a: argparse.Namespace) -> int:
 
 def cmd_ship(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .modelcard import set_decoding, ship, write_card
+    from .modelcard import reproduce_command, set_decoding, ship, write_card
 
     dest = ship(a.run, a.name, a.dest) if a.dest else ship(a.run, a.name)
     set_decoding(dest, a.beam, a.length_penalty)
     res = evaluate(dest, a.data, split="test", beam_size=a.beam, features=a.features,
                    length_penalty=a.length_penalty)
-    cfg = json.loads((Path(a.run) / "config.json").read_text())
-    init = (json.loads((dest / "config.json").read_text())["training"].get("init_training") or {}).get("config")
-    xe = init or cfg
-    xe_run = f"runs/{a.name}" + ("_xe" if init else "")
-    size = f" --image-size {xe['image_size']}" if xe.get("image_size", 224) != 224 else ""
-    cmd = (f"python -m captioning extract-features{size}\n" if size else "")
-    cmd += (f"python -m captioning extract-features --flip{size}\n" if xe.get("flip_prob") else "")
-    cmd += (f"python -m captioning train --decoder {xe['decoder']} --out {xe_run} --epochs {xe['epochs']} "
-            f"--lr-patience {xe['lr_patience']} --patience {xe['patience']}{size}"
-            + (f" --flip-prob {xe['flip_prob']}" if xe.get("flip_prob") else "") + "\n")
-    if init:
-        cmd += (f"python -m captioning train --init {xe_run}/best --scst --out runs/{a.name} --epochs {cfg['epochs']} "
-                f"--lr {cfg['lr']} --batch-size {cfg['batch_size']} --scst-samples {cfg['scst_samples']} "
-                f"--scst-max-len {cfg['scst_max_len']} --lr-patience {cfg['lr_patience']} --patience {cfg['patience']}\n")
-    cmd += f"python -m captioning ship runs/{a.name} --name {a.name} --beam {a.beam} --length-penalty {a.length_penalty}"
+    cmd = reproduce_command(dest, a.name, a.beam, a.length_penalty)
     write_card(dest, cmd, a.notes or "")
     print(json.dumps(res["metrics"]))
     return 0

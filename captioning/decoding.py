@@ -72,7 +72,14 @@ class Ensemble(nn.Module):
         self.has_attention = any(m.has_attention for m in members)
 
     def start(self, grid, pooled):
-        outs = [m.start(grid, pooled) for m in self.members]
+        """grid (B, P, C) and pooled (B, C) read by every member, or a sequence of one of each
+        per member, for members that read different inputs (say 224 and 288 px photos)."""
+        n = len(self.members)
+        if isinstance(grid, torch.Tensor):
+            grid, pooled = [grid] * n, [pooled] * n
+        if len(grid) != n or len(pooled) != n:
+            raise ValueError(f"an ensemble of {n} decoders got features for {len(grid)}")
+        outs = [m.start(g, p) for m, g, p in zip(self.members, grid, pooled)]
         return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
 
     def step(self, tokens, state, features):
@@ -84,7 +91,9 @@ class Ensemble(nn.Module):
             if a is not None:
                 atts.append(a)
         logp = torch.log_softmax(torch.stack(logps).mean(0), -1)  # (B, V)
-        return logp, tuple(states), (torch.stack(atts).mean(0) if atts else None)
+        # Attention over grids of different sizes has no common map to average into.
+        same_grid = len({a.shape for a in atts}) == 1
+        return logp, tuple(states), (torch.stack(atts).mean(0) if atts and same_grid else None)
 
 
 def _constrain(logp: torch.Tensor, seqs: torch.Tensor, t: int, ids: SpecialIds, min_len: int,
@@ -108,6 +117,11 @@ def _constrain(logp: torch.Tensor, seqs: torch.Tensor, t: int, ids: SpecialIds, 
     return logp
 
 
+def _lead(grid) -> torch.Tensor:
+    """The grid tensor, or the first member's when an ensemble gets one grid per member."""
+    return grid if isinstance(grid, torch.Tensor) else grid[0]
+
+
 def length_norm(length: int | torch.Tensor, alpha: float):
     """Score = logprob / length**alpha (alpha 0: plain sum; 1: mean per word)."""
     return length ** alpha if alpha else 1.0
@@ -121,19 +135,19 @@ def sample_decode(model, grid: torch.Tensor, pooled: torch.Tensor, *, greedy: bo
     """Greedy (``greedy=True``) or sampled decoding, batched over B images.
 
     Args:
-        grid: (B, P, C) encoder grid. pooled: (B, C).
+        grid: (B, P, C) encoder grid. pooled: (B, C). An Ensemble also takes one of each per member.
         temperature, top_k: sampling only; logits are divided by temperature and, if top_k,
             all but the k most likely words are dropped.
     Returns:
         B hypotheses; logprob is under the model (not the tempered distribution).
     """
-    B = grid.size(0)
+    B, dev = _lead(grid).size(0), _lead(grid).device
     state, feats = model.start(grid, pooled)
-    tokens = torch.full((B,), ids.start, dtype=torch.long, device=grid.device)
-    seqs = torch.zeros(B, 0, dtype=torch.long, device=grid.device)
-    total = torch.zeros(B, device=grid.device)
-    done = torch.zeros(B, dtype=torch.bool, device=grid.device)
-    lengths = torch.full((B,), max_len, dtype=torch.long, device=grid.device)
+    tokens = torch.full((B,), ids.start, dtype=torch.long, device=dev)
+    seqs = torch.zeros(B, 0, dtype=torch.long, device=dev)
+    total = torch.zeros(B, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    lengths = torch.full((B,), max_len, dtype=torch.long, device=dev)
     atts = []
     for t in range(max_len):
         logp, state, att = model.step(tokens, state, feats)
@@ -181,12 +195,13 @@ def beam_search(model, grid: torch.Tensor, pooled: torch.Tensor, *, beam_size: i
     ``max_len`` words, the best live beams fill the list, marked ``finished=False``.
 
     Args:
-        model: a Decoder or Ensemble. grid: (B, P, C). pooled: (B, C).
+        model: a Decoder or Ensemble. grid: (B, P, C). pooled: (B, C); an Ensemble also takes
+            one of each per member (Ensemble.start).
         lattice: if given, filled with every step's candidates (for drawing the search tree).
     Returns:
         For each of the B images, its ``nbest`` hypotheses, best first.
     """
-    B, K, dev = grid.size(0), beam_size, grid.device
+    B, K, dev = _lead(grid).size(0), beam_size, _lead(grid).device
     npool = max(nbest, K)
     state, feats = model.start(grid, pooled)
     state = tree_map(lambda x: x.repeat_interleave(K, 0), state)  # (B*K, ...)

@@ -11,7 +11,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .api import Captioner
-from .bundle import DEFAULT_MODEL
+from .bundle import DEFAULT_MODEL, read_config
+from .decoding import Ensemble
+from .encoders import Encoder, build_encoder
 from .data import load_dataset, resolve_data_dir
 from .features import FeatureCache, find_cache
 from .metrics import score_captions
@@ -27,7 +29,9 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
     Uses the feature cache when one matches the model's encoder and preprocessing (same
     numbers, no encoder pass); otherwise runs the encoder. Writes ``metrics.json`` (or
     ``metrics_<split>.json`` for other splits) and ``captions_<split>.json`` to ``out``
-    (default: the model folder). A list of model folders is evaluated as one ensemble.
+    (default: the model folder). A list of model folders is evaluated as one ensemble; its
+    members may read different encoders or preprocessings (each gets its own features).
+    ``split="train"`` with an ensemble makes teacher captions for ``train --extra-captions``.
 
     Returns:
         {"metrics": {...}, "notes": [...], "tokenizer": ..., "split", "n_images", "beam_size", "seconds"}
@@ -37,34 +41,34 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
     if len(models) > 1 and out is None:
         raise ValueError("an ensemble's results need --out DIR")
     model = models[0]
-    cap = Captioner.from_pretrained(models)
+    members = load_members(models)
+    cap = members[0] if len(members) == 1 else Captioner(
+        members[0].encoder, Ensemble([m.decoder for m in members]), members[0].vocab, members[0].prep, members[0].config)
     if length_penalty is None:
         length_penalty = cap.default_length_penalty
     ds = load_dataset(data)
     images = ds.split(split)
     if limit:
         images = images[:limit]
-    cache = None
-    if features is not None:
-        folder = find_cache(features, cap.config["encoder"]["name"], cap.prep, sorted(ds.captions))
-        try:
-            cache = FeatureCache.open(folder)
-        except (FileNotFoundError, RuntimeError):
-            cache = None
-    index = cache.index() if cache else None
+    keys = [_view_key(m) for m in members]
+    views: dict[str, _View] = {}
+    for k, m in zip(keys, members):
+        if k not in views:
+            views[k] = _View(m, ds, features)
     preds: dict[str, str] = {}
     for i in tqdm(range(0, len(images), batch_size), desc=f"captioning {split}", disable=not progress, unit="batch"):
         names = images[i:i + batch_size]
-        if cache is not None:
-            grid, pooled = cache.batch(np.asarray([index[n] for n in names]))
-        else:
-            grid, pooled = cap.encode(cap.pixels([ds.path(n) for n in names]))
+        feats = {k: v.features(names) for k, v in views.items()}  # grid (b, P, C), pooled (b, C) each
+        if len(views) == 1:
+            grid, pooled = feats[keys[0]]
+        else:  # members that read different inputs get one grid each (Ensemble.start)
+            grid, pooled = [feats[k][0] for k in keys], [feats[k][1] for k in keys]
         for n, r in zip(names, cap.caption_features(grid, pooled, beam_size=beam_size, length_penalty=length_penalty)):
             preds[n] = r.text
     s = score_captions(preds, {n: ds.captions[n] for n in images}, use_java=use_java, per_image=True)
     res = {"model": [str(m) for m in models] if len(models) > 1 else str(model), "split": split, "n_images": len(images), "beam_size": beam_size,
            "length_penalty": length_penalty, "metrics": {k: round(v, 4) for k, v in s.metrics.items()},
-           "tokenizer": s.tokenizer, "notes": s.notes, "features_from_cache": cache is not None,
+           "tokenizer": s.tokenizer, "notes": s.notes, "features_from_cache": all(v.cache is not None for v in views.values()),
            "seconds": round(time.time() - t0, 1)}
     outdir = Path(out) if out else model
     outdir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +78,45 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
         [{"image": n, "caption": preds[n], **{k: round(v, 4) for k, v in s.per_image.get(n, {}).items()}}
          for n in images], indent=1))
     return res
+
+
+def load_members(models: list[Path]) -> list[Captioner]:
+    """One Captioner per model folder; members that name the same encoder share one instance.
+    All must share a vocabulary (an ensemble averages distributions over the same words)."""
+    encoders: dict[str, Encoder] = {}
+    members = []
+    for m in models:
+        name = read_config(m)["encoder"]["name"]
+        if name not in encoders:
+            encoders[name] = build_encoder(name)
+        members.append(Captioner.from_pretrained(m, encoder=encoders[name]))
+        if members[-1].vocab.itos != members[0].vocab.itos:
+            raise ValueError(f"{m}: vocabulary differs from {models[0]}; an ensemble needs one vocabulary")
+    return members
+
+
+def _view_key(cap: Captioner) -> str:
+    return json.dumps([cap.config["encoder"]["name"], cap.prep.to_dict()], sort_keys=True)
+
+
+class _View:
+    """The features one (encoder, preprocessing) gives: from the feature cache when a complete
+    one matches (same numbers, no encoder pass), else from the encoder."""
+
+    def __init__(self, cap: Captioner, ds, features: str | Path | None):
+        self.cap, self.ds, self.cache = cap, ds, None
+        if features is not None:
+            folder = find_cache(features, cap.config["encoder"]["name"], cap.prep, sorted(ds.captions))
+            try:
+                self.cache = FeatureCache.open(folder)
+            except (FileNotFoundError, RuntimeError):
+                pass
+        self.index = self.cache.index() if self.cache else None
+
+    def features(self, names: list[str]):
+        if self.cache is not None:
+            return self.cache.batch(np.asarray([self.index[n] for n in names]))
+        return self.cap.encode(self.cap.pixels([self.ds.path(n) for n in names]))
 
 
 def human_agreement(data: str | Path | None = None, use_java: Optional[bool] = None) -> dict:

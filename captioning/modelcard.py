@@ -24,12 +24,12 @@ def ship(run: str | Path, name: str, dest_root: str | Path = MODELS_DIR) -> Path
 
     A run that fine-tuned another bundle (``--init``) gets the whole path in its curve: the
     starting bundle's rows up to the epoch it was taken at (stage ``xe``), then this run's rows
-    (stage ``scst`` or ``xe``), numbered on from there."""
+    (stage ``scst``, ``distill`` or ``xe``), numbered on from there."""
     run = Path(run)
     load_bundle(run / "best")  # refuse to ship something that does not load
     tc = json.loads((run / "config.json").read_text())
     rows = _curve(run / "metrics.csv")
-    stage = "scst" if tc.get("scst") else "xe"
+    stage = "scst" if tc.get("scst") else "distill" if tc.get("extra_captions") else "xe"
     for r in rows:
         r["stage"] = stage
     if tc.get("init"):
@@ -62,6 +62,68 @@ def set_decoding(model: str | Path, beam_size: int, length_penalty: float) -> No
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(cfg, indent=2))
     tmp.replace(p)
+
+
+def _run_name(bundle: str | Path) -> str:
+    """The run folder a bundle came from, relative to the repository: RUN/best -> runs/RUN."""
+    b = Path(bundle)
+    return f"runs/{b.parent.name if b.name == 'best' else b.name}"
+
+
+def _train_command(tc: dict, out: str) -> str:
+    """The cross-entropy training that ``tc`` (a run's TrainConfig as a dict) records."""
+    size = f" --image-size {tc['image_size']}" if tc.get("image_size", 224) != 224 else ""
+    return (f"python -m captioning train --decoder {tc['decoder']} --out {out} --epochs {tc['epochs']} "
+            f"--lr-patience {tc['lr_patience']} --patience {tc['patience']}{size}"
+            + (f" --flip-prob {tc['flip_prob']}" if tc.get("flip_prob") else ""))
+
+
+def reproduce_command(model: str | Path, name: str, beam_size: int, length_penalty: float) -> str:
+    """The commands that remake a shipped bundle from scratch, read from its config.json: the
+    feature caches, the cross-entropy run, then (if the bundle was fine-tuned from it) the teacher
+    captions and distillation, or the SCST run, and the ``ship`` that made the bundle."""
+    training = json.loads((Path(model) / "config.json").read_text())["training"]
+    cfg = training["config"]
+    init = (training.get("init_training") or {}).get("config")
+    xe_run = f"runs/{name}_xe" if init else f"runs/{name}"
+    teacher = training.get("teacher") or {}
+    members = teacher.get("model") or []
+    members = [members] if isinstance(members, str) else members
+    stages = [(init or cfg, xe_run)]  # (training config, run folder) of every cross-entropy run
+    for m in members:
+        if cfg.get("init") and Path(m) == Path(cfg["init"]):
+            continue  # the teacher member that is also the student's starting point
+        try:
+            mc = json.loads((Path(m) / "config.json").read_text())["training"]["config"]
+        except (OSError, ValueError, KeyError):
+            raise ValueError(f"{m}: teacher model's config.json is gone or has no training record; "
+                             "the model card cannot say how to remake it") from None
+        stages.append((mc, _run_name(m)))
+    lines = []
+    for size in sorted({tc.get("image_size", 224) for tc, _ in stages} - {224}):
+        lines.append(f"python -m captioning extract-features --image-size {size}")
+    for size in sorted({tc.get("image_size", 224) for tc, _ in stages if tc.get("flip_prob")}):
+        lines.append("python -m captioning extract-features --flip" + (f" --image-size {size}" if size != 224 else ""))
+    lines += [_train_command(tc, out) for tc, out in stages]
+    if init and cfg.get("scst"):
+        lines.append(f"python -m captioning train --init {xe_run}/best --scst --out runs/{name} --epochs {cfg['epochs']} "
+                     f"--lr {cfg['lr']} --batch-size {cfg['batch_size']} --scst-samples {cfg['scst_samples']} "
+                     f"--scst-max-len {cfg['scst_max_len']} --lr-patience {cfg['lr_patience']} --patience {cfg['patience']}")
+    elif init:
+        extra = ""
+        if cfg.get("extra_captions"):
+            out = Path(cfg["extra_captions"]).parent.name
+            paths = " ".join(f"{xe_run}/best" if cfg.get("init") and Path(m) == Path(cfg["init"]) else f"{_run_name(m)}/best"
+                             for m in members)
+            lines.append(f"python -m captioning evaluate --model {paths} --split {teacher.get('split', 'train')} "
+                         f"--beam {teacher.get('beam_size', 3)} --length-penalty {teacher.get('length_penalty', 0.0)} "
+                         f"--out runs/{out}")
+            extra = f" --extra-captions runs/{out}/{Path(cfg['extra_captions']).name}"
+        lines.append(f"python -m captioning train --init {xe_run}/best{extra} --out runs/{name} --epochs {cfg['epochs']} "
+                     f"--lr {cfg['lr']} --batch-size {cfg['batch_size']} --lr-patience {cfg['lr_patience']} "
+                     f"--patience {cfg['patience']}")
+    lines.append(f"python -m captioning ship runs/{name} --name {name} --beam {beam_size} --length-penalty {length_penalty}")
+    return "\n".join(lines)
 
 
 def _curve(path: Path) -> list[dict[str, str]]:
@@ -107,7 +169,23 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
         f"{len(rows_xe) if not init else 'the run'}; "
         f"training time {train_s / 60:.1f} min on a 2-core CPU machine (feature extraction not included).",
     ]
-    if rows_ft:
+    if rows_ft and tc_ft.get("extra_captions"):
+        ft_s = sum(float(r["seconds"]) for r in rows_ft)
+        teacher = cfg["training"].get("teacher") or {}
+        members = teacher.get("model") or ["(not recorded)"]
+        members = [members] if isinstance(members, str) else members
+        tm = teacher.get("metrics") or {}
+        lines.append(
+            f"- **Sequence-level distillation** (Kim & Rush 2016) from that model: cross-entropy fine-tuning on "
+            f"the references plus one caption per train image written by a teacher, the ensemble of "
+            f"{', '.join(f'`{m}`' for m in members)} at beam {teacher.get('beam_size', '?')} and length penalty "
+            f"{teacher.get('length_penalty', '?')}"
+            + (f" (its captions score BLEU-4 {tm['BLEU-4']:.3f}, CIDEr {tm['CIDEr']:.3f} against the train "
+               f"references)" if "CIDEr" in tm else "")
+            + f"; Adam lr {tc_ft.get('lr')}, batch {tc_ft.get('batch_size')}, dropout {tc_ft.get('dropout')}; seed "
+            f"{tc_ft.get('seed')}. Best fine-tuning epoch {cfg['training'].get('epoch')} of {len(rows_ft)} run; "
+            f"{ft_s / 60:.1f} min.")
+    elif rows_ft:
         ft_s = sum(float(r["seconds"]) for r in rows_ft)
         lines.append(
             f"- **Self-critical fine-tuning** (Rennie et al. 2017) from that model: REINFORCE on the CIDEr-D of "
@@ -133,7 +211,7 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
     if notes:
         lines += ["## Notes", "", notes, ""]
     lines += ["Training curve: `metrics.csv` (epoch, train/val loss, greedy val BLEU-4 and CIDEr, lr, seconds"
-              + (", stage, mean SCST reward)." if rows_ft else ").")]
+              + (", stage, mean SCST reward)." if rows_ft and tc_ft.get("scst") else ", stage)." if rows_ft else ").")]
     p = model / "MODEL_CARD.md"
     p.write_text("\n".join(lines) + "\n")
     return p

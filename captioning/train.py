@@ -4,7 +4,9 @@ Teacher forcing with optional scheduled sampling (Bengio et al. 2015), dropout, 
 as augmentation (``flip_prob``: a second feature cache of every photo flipped left to right,
 with "left" and "right" swapped in its captions), Adam,
 a reduce-on-plateau learning rate, gradient clipping, and for ``show_attend_tell`` the doubly
-stochastic attention penalty (Xu et al. 2015). With ``scst`` the decoder (usually one already
+stochastic attention penalty (Xu et al. 2015). ``extra_captions`` adds captions for the train
+images to the references, such as a teacher ensemble's beam-search captions (``evaluate --split
+train``): sequence-level knowledge distillation (Kim & Rush 2016). With ``scst`` the decoder (usually one already
 trained this way, given by ``init``) is fine-tuned on the CIDEr-D of its own samples instead
 (self-critical sequence training, Rennie et al. 2017; see scst.py). The best bundle by
 validation CIDEr (or BLEU-4) is kept in ``RUN/best``. Runs as one process or under ``torchrun`` (DistributedDataParallel;
@@ -86,6 +88,7 @@ class TrainConfig:
     scst: bool = False  # self-critical training on CIDEr-D; batch_size then counts images
     scst_samples: int = 5  # captions sampled per image (leave-one-out baseline)
     scst_max_len: int = 16  # words per sampled caption
+    extra_captions: str = ""  # JSON list of {"image", "caption"} for train images, read with the references
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -103,18 +106,52 @@ def decoder_config(cfg: TrainConfig, vocab_size: int, feature_dim: int) -> dict:
     return d
 
 
-def encode_captions(ds: CaptionDataset, images: list[str], index: dict[str, int], vocab: Vocab,
+def encode_captions(captions: dict[str, list[str]], images: list[str], index: dict[str, int], vocab: Vocab,
                     max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """-> feature row (N,) and padded token ids (N, max_tokens) for every caption of ``images``."""
     rows, caps = [], []
     for name in images:
-        for c in ds.captions[name]:
+        for c in captions[name]:
             ids = vocab.encode(c)
             if len(ids) > max_tokens:
                 ids = ids[: max_tokens - 1] + [vocab.end]
             rows.append(index[name])
             caps.append(ids + [vocab.pad] * (max_tokens - len(ids)))
     return np.asarray(rows, dtype=np.int64), np.asarray(caps, dtype=np.int64)
+
+
+def read_extra_captions(path: str | Path, train_images: list[str]) -> dict[str, list[str]]:
+    """More captions for training images, as ``evaluate`` writes them (captions_<split>.json: a
+    list of {"image", "caption", ...}). An image outside ``train_images`` is refused: a teacher's
+    captions of dev or test photos must never reach training."""
+    path = Path(path)
+    try:
+        items = json.loads(path.read_text())
+        pairs = [(str(it["image"]), str(it["caption"]).strip()) for it in items]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: extra captions file not found") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a list of {{\"image\", \"caption\"}} records ({type(e).__name__}: {e})") from None
+    allowed = set(train_images)
+    outside = sorted({im for im, _ in pairs if im not in allowed})
+    if outside:
+        raise ValueError(f"{path}: {len(outside)} images are not in the train split (first: {outside[0]})")
+    extra: dict[str, list[str]] = {}
+    for im, c in pairs:
+        if c:
+            extra.setdefault(im, []).append(c)
+    return extra
+
+
+def teacher_info(path: str | Path) -> Optional[dict]:
+    """Who wrote an extra-captions file: the metrics file ``evaluate`` wrote beside it (models,
+    beam size, length penalty, scores against the references), or None."""
+    path = Path(path)
+    meta = path.with_name(path.name.replace("captions_", "metrics_", 1))
+    if meta == path or not meta.is_file():
+        return None
+    d = json.loads(meta.read_text())
+    return {k: d[k] for k in ("model", "split", "n_images", "beam_size", "length_penalty", "metrics") if k in d}
 
 
 MIRRORED_WORDS = (("left", "right"),)
@@ -167,7 +204,7 @@ def validate(decoder: Decoder, cache: FeatureCache, ds: CaptionDataset, images: 
     """Teacher-forced loss on the validation captions and greedy BLEU-4 / CIDEr."""
     decoder.eval()
     index = cache.index()
-    rows, caps = encode_captions(ds, images, index, vocab, cfg.max_tokens)
+    rows, caps = encode_captions(ds.captions, images, index, vocab, cfg.max_tokens)
     losses, n = 0.0, 0
     for i in range(0, len(rows), 256):
         r = rows[i:i + 256]
@@ -254,6 +291,8 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         b = read_config(cfg.init)
         cfg = replace(cfg, encoder=b["encoder"]["name"], decoder=b["decoder"]["type"],
                       image_size=int(b["preprocessing"]["size"]))
+    if cfg.scst and cfg.extra_captions:
+        raise ValueError("extra captions are for cross-entropy training; SCST scores samples against the references")
     ds = load_dataset(data)
     prep = Preprocessing(size=cfg.image_size)
     images_all = sorted(ds.captions)
@@ -318,7 +357,9 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         refs = py_tokenize({k: ds.captions[k] for k in train_imgs})  # as the no-Java validation CIDEr
         cider = CiderD({k: [c.split() + [EOS] for c in v] for k, v in refs.items()})
     else:
-        rows, caps = encode_captions(ds, train_imgs, index, vocab, cfg.max_tokens)
+        extra = read_extra_captions(cfg.extra_captions, train_imgs) if cfg.extra_captions else {}
+        train_caps = {k: ds.captions[k] + extra.get(k, []) for k in train_imgs}
+        rows, caps = encode_captions(train_caps, train_imgs, index, vocab, cfg.max_tokens)
         caps_mirrored = mirror_captions(caps, vocab) if flip else caps
     per_rank = len(rows) // world
     n_batches = math.ceil(per_rank / cfg.batch_size)
@@ -389,6 +430,8 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
                 if init:
                     # How the starting model was trained, so the model card can give both stages.
                     training["init_training"] = init[2].get("training")
+                if cfg.extra_captions:
+                    training["teacher"] = teacher_info(cfg.extra_captions)
                 save_bundle(out / "best", decoder, vocab, cfg.encoder, prep, extra={"training": training})
             else:
                 state["bad_epochs"] += 1
