@@ -838,7 +838,8 @@ def metrics_table(models: dict[str, Optional[dict[str, float]]]) -> list[dict[st
 
 
 def training_curves(model_path: str) -> Optional[list[dict[str, float]]]:
-    """``metrics.csv`` rows as floats (missing cells None), or None when absent/unreadable."""
+    """``metrics.csv`` rows as floats (missing cells None; ``stage``, the training stage of a
+    fine-tuned model's curve, stays text), or None when absent/unreadable."""
     text = read_text(Path(model_path) / "metrics.csv")
     if not text:
         return None
@@ -848,6 +849,9 @@ def training_curves(model_path: str) -> Optional[list[dict[str, float]]]:
             row = {}
             for k, v in r.items():
                 if k is None:
+                    continue
+                if k.strip() == "stage":
+                    row["stage"] = (v or "").strip() or None
                     continue
                 try:
                     row[k.strip()] = float(v) if v not in (None, "") else None
@@ -872,6 +876,13 @@ def curves_figure(rows: list[dict[str, Optional[float]]]):
     for key, name in (("val_bleu4", "BLEU-4"), ("val_cider", "CIDEr")):
         if any(r.get(key) is not None for r in rows):
             fig.add_trace(go.Scatter(x=x, y=[r.get(key) for r in rows], mode="lines+markers", name=name), 1, 2)
+    # A fine-tuned model's curve joins two runs: mark where each later stage starts.
+    for prev, r in zip(rows, rows[1:]):
+        if r.get("stage") and prev.get("stage") and r["stage"] != prev["stage"] and r.get("epoch") is not None:
+            for col in (1, 2):
+                fig.add_vline(x=r["epoch"] - 0.5, line_dash="dot", line_color="grey", row=1, col=col)
+            fig.add_annotation(x=r["epoch"] - 0.5, y=1.0, yref="paper", text=f"{r['stage']} from here",
+                               showarrow=False, xanchor="left", font=dict(size=11, color="grey"))
     fig.update_xaxes(title_text="epoch")
     fig.update_layout(height=360, margin=dict(l=10, r=10, t=40, b=10))
     return fig

@@ -290,6 +290,16 @@ def test_model_files_and_published_numbers(models, tmp_path):
     rows = sv.training_curves(p)
     assert [r["epoch"] for r in rows] == [1.0, 2.0] and rows[1]["val_cider"] == pytest.approx(0.35)
     assert len(sv.curves_figure(rows).data) == 4
+    # A two-stage curve (cross-entropy, then distillation) marks where the second stage starts.
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "metrics.csv").write_text("epoch,train_loss,val_cider,stage\n1,3.0,0.3,xe\n2,2.5,0.4,xe\n3,2.4,0.45,distill\n")
+    rows = sv.training_curves(str(staged))
+    assert [r["stage"] for r in rows] == ["xe", "xe", "distill"] and rows[2]["val_cider"] == pytest.approx(0.45)
+    fig = sv.curves_figure(rows)
+    assert [s.x0 for s in fig.layout.shapes] == [2.5, 2.5]
+    assert [a.text for a in fig.layout.annotations if "from here" in a.text] == ["distill from here"]
+    assert not sv.curves_figure(sv.training_curves(p)).layout.shapes
     table = sv.metrics_table({"show_attend_tell": sv.test_metrics(p), "show_tell": None})
     assert table[0]["model"] == "show_attend_tell" and table[0]["BLEU-4"] == pytest.approx(0.111)
     soft = next(r for r in table if "soft" in r["model"])
