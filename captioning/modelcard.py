@@ -78,6 +78,13 @@ def _train_command(tc: dict, out: str) -> str:
             + (f" --flip-prob {tc['flip_prob']}" if tc.get("flip_prob") else ""))
 
 
+def _teacher(training: dict) -> tuple[dict, list[str]]:
+    """A distilled bundle's teacher record (``evaluate``'s metrics of its captions) and its members."""
+    teacher = training.get("teacher") or {}
+    members = teacher.get("model") or []
+    return teacher, [members] if isinstance(members, str) else list(members)
+
+
 def reproduce_command(model: str | Path, name: str, beam_size: int, length_penalty: float) -> str:
     """The commands that remake a shipped bundle from scratch, read from its config.json: the
     feature caches, the cross-entropy run, then (if the bundle was fine-tuned from it) the teacher
@@ -86,12 +93,11 @@ def reproduce_command(model: str | Path, name: str, beam_size: int, length_penal
     cfg = training["config"]
     init = (training.get("init_training") or {}).get("config")
     xe_run = f"runs/{name}_xe" if init else f"runs/{name}"
-    teacher = training.get("teacher") or {}
-    members = teacher.get("model") or []
-    members = [members] if isinstance(members, str) else members
+    teacher, members = _teacher(training)
+    start = Path(cfg["init"]) if cfg.get("init") else None
     stages = [(init or cfg, xe_run)]  # (training config, run folder) of every cross-entropy run
     for m in members:
-        if cfg.get("init") and Path(m) == Path(cfg["init"]):
+        if Path(m) == start:
             continue  # the teacher member that is also the student's starting point
         try:
             mc = json.loads((Path(m) / "config.json").read_text())["training"]["config"]
@@ -113,8 +119,7 @@ def reproduce_command(model: str | Path, name: str, beam_size: int, length_penal
         extra = ""
         if cfg.get("extra_captions"):
             out = Path(cfg["extra_captions"]).parent.name
-            paths = " ".join(f"{xe_run}/best" if cfg.get("init") and Path(m) == Path(cfg["init"]) else f"{_run_name(m)}/best"
-                             for m in members)
+            paths = " ".join(f"{xe_run}/best" if Path(m) == start else f"{_run_name(m)}/best" for m in members)
             lines.append(f"python -m captioning evaluate --model {paths} --split {teacher.get('split', 'train')} "
                          f"--beam {teacher.get('beam_size', 3)} --length-penalty {teacher.get('length_penalty', 0.0)} "
                          f"--out runs/{out}")
@@ -165,20 +170,19 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
         + (f"doubly stochastic attention λ={tc.get('alpha_c')}; " if kind == "show_attend_tell" else "")
         + (f"each caption read with its photo mirrored left to right with probability {tc['flip_prob']} "
            "(\"left\" and \"right\" swapped); " if tc.get("flip_prob") else "")
-        + f"seed {tc.get('seed')}. Best epoch {(init or cfg.get('training', {})).get('epoch')} of "
-        f"{len(rows_xe) if not init else 'the run'}; "
-        f"training time {train_s / 60:.1f} min on a 2-core CPU machine (feature extraction not included).",
+        + f"seed {tc.get('seed')}. "
+        + (f"Best epoch {cfg.get('training', {}).get('epoch')} of {len(rows_xe)}; training time "
+           if not init else f"Taken at epoch {init.get('epoch')}; training time to it ")
+        + f"{train_s / 60:.1f} min on a 2-core CPU machine (feature extraction not included).",
     ]
     if rows_ft and tc_ft.get("extra_captions"):
         ft_s = sum(float(r["seconds"]) for r in rows_ft)
-        teacher = cfg["training"].get("teacher") or {}
-        members = teacher.get("model") or ["(not recorded)"]
-        members = [members] if isinstance(members, str) else members
+        teacher, members = _teacher(cfg["training"])
         tm = teacher.get("metrics") or {}
         lines.append(
             f"- **Sequence-level distillation** (Kim & Rush 2016) from that model: cross-entropy fine-tuning on "
             f"the references plus one caption per train image written by a teacher, the ensemble of "
-            f"{', '.join(f'`{m}`' for m in members)} at beam {teacher.get('beam_size', '?')} and length penalty "
+            f"{', '.join(f'`{m}`' for m in members) or '(not recorded)'} at beam {teacher.get('beam_size', '?')} and length penalty "
             f"{teacher.get('length_penalty', '?')}"
             + (f" (its captions score BLEU-4 {tm['BLEU-4']:.3f}, CIDEr {tm['CIDEr']:.3f} against the train "
                f"references)" if "CIDEr" in tm else "")
