@@ -294,6 +294,8 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
     if cfg.scst and cfg.extra_captions:
         raise ValueError("extra captions are for cross-entropy training; SCST scores samples against the references")
     ds = load_dataset(data)
+    # Read now, so a bad file fails before feature extraction and before the run folder is written.
+    extra = read_extra_captions(cfg.extra_captions, ds.split("train")) if cfg.extra_captions else {}
     prep = Preprocessing(size=cfg.image_size)
     images_all = sorted(ds.captions)
     cache_dir = find_cache(features, cfg.encoder, prep, images_all)
@@ -357,7 +359,6 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         refs = py_tokenize({k: ds.captions[k] for k in train_imgs})  # as the no-Java validation CIDEr
         cider = CiderD({k: [c.split() + [EOS] for c in v] for k, v in refs.items()})
     else:
-        extra = read_extra_captions(cfg.extra_captions, train_imgs) if cfg.extra_captions else {}
         train_caps = {k: ds.captions[k] + extra.get(k, []) for k in train_imgs}
         rows, caps = encode_captions(train_caps, train_imgs, index, vocab, cfg.max_tokens)
         caps_mirrored = mirror_captions(caps, vocab) if flip else caps

@@ -102,11 +102,16 @@ def test_extra_captions_must_be_train_images(synth, tmp_path):
     bad.write_text(json.dumps([{"image": dev, "caption": "a red square"}]))
     with pytest.raises(ValueError, match=f"not in the train split .*{dev}"):
         read_extra_captions(bad, synth.splits["train"])
+    (tmp_path / "dev.json").write_text(bad.read_text())
     bad.write_text('{"image": "x"}')
     with pytest.raises(ValueError, match="not a list"):
         read_extra_captions(bad, synth.splits["train"])
     with pytest.raises(FileNotFoundError, match="not found"):
         read_extra_captions(tmp_path / "nothing.json", synth.splits["train"])
+    # A bad file stops train() before it writes the run folder.
+    with pytest.raises(ValueError, match="not in the train split"):
+        train(str(synth.root), tmp_path / "bad_run", TrainConfig(extra_captions=str(tmp_path / "dev.json"), **SMALL))
+    assert not (tmp_path / "bad_run").exists()
     with pytest.raises(ValueError, match="SCST"):
         train(str(synth.root), tmp_path / "r", TrainConfig(scst=True, extra_captions=str(bad), **SMALL))
 
