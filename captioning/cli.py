@@ -115,7 +115,7 @@ def cmd_ship(a: argparse.Namespace) -> int:
     set_decoding(dest, a.beam, a.length_penalty)
     res = evaluate(dest, a.data, split="test", beam_size=a.beam, features=a.features,
                    length_penalty=a.length_penalty)
-    cmd = reproduce_command(dest, a.name, a.beam, a.length_penalty)
+    cmd = reproduce_command(dest, a.run, a.name, a.beam, a.length_penalty)
     write_card(dest, cmd, a.notes or "")
     print(json.dumps(res["metrics"]))
     return 0

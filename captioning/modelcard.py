@@ -85,50 +85,61 @@ def _teacher(training: dict) -> tuple[dict, list[str]]:
     return teacher, [members] if isinstance(members, str) else list(members)
 
 
-def reproduce_command(model: str | Path, name: str, beam_size: int, length_penalty: float) -> str:
-    """The commands that remake a shipped bundle from scratch, read from its config.json: the
-    feature caches, the cross-entropy run, then (if the bundle was fine-tuned from it) the teacher
-    captions and distillation, or the SCST run, and the ``ship`` that made the bundle."""
+def reproduce_command(model: str | Path, run: str | Path, name: str, beam_size: int, length_penalty: float) -> str:
+    """The commands that remake a shipped bundle from scratch, read from the training records in
+    its config.json and in its teachers' bundles: the feature caches, then every run in the order
+    it needs the others (cross-entropy runs, teacher captions, distillation or SCST fine-tuning),
+    then the ``ship`` of ``run`` that made the bundle."""
     training = json.loads((Path(model) / "config.json").read_text())["training"]
-    cfg = training["config"]
-    init = (training.get("init_training") or {}).get("config")
-    xe_run = f"runs/{name}_xe" if init else f"runs/{name}"
-    teacher, members = _teacher(training)
-    start = Path(cfg["init"]) if cfg.get("init") else None
-    stages = [(init or cfg, xe_run)]  # (training config, run folder) of every cross-entropy run
-    for m in members:
-        if Path(m) == start:
-            continue  # the teacher member that is also the student's starting point
-        try:
-            mc = json.loads((Path(m) / "config.json").read_text())["training"]["config"]
-        except (OSError, ValueError, KeyError):
-            raise ValueError(f"{m}: teacher model's config.json is gone or has no training record; "
-                             "the model card cannot say how to remake it") from None
-        stages.append((mc, _run_name(m)))
-    lines = []
-    for size in sorted({tc.get("image_size", 224) for tc, _ in stages} - {224}):
-        lines.append(f"python -m captioning extract-features --image-size {size}")
-    for size in sorted({tc.get("image_size", 224) for tc, _ in stages if tc.get("flip_prob")}):
-        lines.append("python -m captioning extract-features --flip" + (f" --image-size {size}" if size != 224 else ""))
-    lines += [_train_command(tc, out) for tc, out in stages]
-    if init and cfg.get("scst"):
-        lines.append(f"python -m captioning train --init {xe_run}/best --scst --out runs/{name} --epochs {cfg['epochs']} "
+    inputs: set[tuple[int, bool]] = set()  # (image size, mirrored) of every feature cache used
+    out = _run_name(Path(run) / "best")
+    lines = _recipe(training, out, inputs)
+    pre = [f"python -m captioning extract-features --image-size {size}"
+           for size in sorted({size for size, _ in inputs} - {224})]
+    pre += ["python -m captioning extract-features --flip" + (f" --image-size {size}" if size != 224 else "")
+            for size in sorted({size for size, flip in inputs if flip})]
+    lines = list(dict.fromkeys(pre + lines))  # a run two teachers share is made once
+    lines.append(f"python -m captioning ship {out} --name {name} --beam {beam_size} --length-penalty {length_penalty}")
+    return "\n".join(lines)
+
+
+def _recipe(training: dict, out: str, inputs: set[tuple[int, bool]]) -> list[str]:
+    """Commands that make the run folder ``out`` whose best bundle has this training record,
+    preceded by those of the runs it starts from or learns from."""
+    cfg = training.get("config")
+    if not cfg:
+        raise ValueError(f"{out}: its bundle has no training record; the model card cannot say how to remake it")
+    inputs.add((cfg.get("image_size", 224), bool(cfg.get("flip_prob"))))
+    if not cfg.get("init"):
+        return [_train_command(cfg, out)]
+    init = Path(cfg["init"])
+    lines = _recipe(training.get("init_training") or {}, _run_name(init), inputs)
+    if cfg.get("scst"):
+        lines.append(f"python -m captioning train --init {_run_name(init)}/best --scst --out {out} --epochs {cfg['epochs']} "
                      f"--lr {cfg['lr']} --batch-size {cfg['batch_size']} --scst-samples {cfg['scst_samples']} "
                      f"--scst-max-len {cfg['scst_max_len']} --lr-patience {cfg['lr_patience']} --patience {cfg['patience']}")
-    elif init:
-        extra = ""
-        if cfg.get("extra_captions"):
-            out = Path(cfg["extra_captions"]).parent.name
-            paths = " ".join(f"{xe_run}/best" if Path(m) == start else f"{_run_name(m)}/best" for m in members)
-            lines.append(f"python -m captioning evaluate --model {paths} --split {teacher.get('split', 'train')} "
-                         f"--beam {teacher.get('beam_size', 3)} --length-penalty {teacher.get('length_penalty', 0.0)} "
-                         f"--out runs/{out}")
-            extra = f" --extra-captions runs/{out}/{Path(cfg['extra_captions']).name}"
-        lines.append(f"python -m captioning train --init {xe_run}/best{extra} --out runs/{name} --epochs {cfg['epochs']} "
-                     f"--lr {cfg['lr']} --batch-size {cfg['batch_size']} --lr-patience {cfg['lr_patience']} "
-                     f"--patience {cfg['patience']}")
-    lines.append(f"python -m captioning ship runs/{name} --name {name} --beam {beam_size} --length-penalty {length_penalty}")
-    return "\n".join(lines)
+        return lines
+    extra = ""
+    if cfg.get("extra_captions"):
+        teacher, members = _teacher(training)
+        for m in members:
+            if Path(m) != init:  # the starting point's recipe is already there
+                try:
+                    member_training = json.loads((Path(m) / "config.json").read_text())["training"]
+                except (OSError, ValueError, KeyError):
+                    raise ValueError(f"{m}: teacher model's config.json is gone or has no training record; "
+                                     "the model card cannot say how to remake it") from None
+                lines += _recipe(member_training, _run_name(m), inputs)
+        captions = Path(cfg["extra_captions"])
+        folder = f"runs/{captions.parent.name}"
+        lines.append(f"python -m captioning evaluate --model {' '.join(f'{_run_name(m)}/best' for m in members)} "
+                     f"--split {teacher.get('split', 'train')} --beam {teacher.get('beam_size', 3)} "
+                     f"--length-penalty {teacher.get('length_penalty', 0.0)} --out {folder}")
+        extra = f" --extra-captions {folder}/{captions.name}"
+    lines.append(f"python -m captioning train --init {_run_name(init)}/best{extra} --out {out} --epochs {cfg['epochs']} "
+                 f"--lr {cfg['lr']} --batch-size {cfg['batch_size']} --lr-patience {cfg['lr_patience']} "
+                 f"--patience {cfg['patience']}")
+    return lines
 
 
 def _curve(path: Path) -> list[dict[str, str]]:

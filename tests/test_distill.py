@@ -117,34 +117,48 @@ def test_extra_captions_must_be_train_images(synth, tmp_path):
 
 
 def test_ship_a_distilled_run(synth, features_dir, two_views, tmp_path):
-    """The whole recipe from the CLI: teacher captions, a student fine-tuned from one teacher member
-    on them, then ship. The card names the teacher and gives every command in order."""
-    teacher = tmp_path / "teacher"
+    """The whole recipe from the CLI, twice: teacher captions, a student fine-tuned from one teacher
+    member on them; then a second round whose teacher includes that student. The shipped card
+    names the teacher and gives every command, each run once, in an order that works."""
     args = ["--data", str(synth.root), "--features", str(features_dir)]
-    assert main(["evaluate", "--model", *map(str, two_views), "--split", "train", "--beam", "2",
-                 "--length-penalty", "0.5", "--out", str(teacher), *args]) == 0
-    run = tmp_path / "student"
-    assert main(["train", "--init", str(two_views[0]), "--extra-captions", str(teacher / "captions_train.json"),
-                 "--out", str(run), "--epochs", "1", "--lr", "1e-3", "--batch-size", "8", "--checkpoint-every", "0",
-                 *args]) == 0
+
+    def distill(members, teacher, student):
+        assert main(["evaluate", "--model", *map(str, members), "--split", "train", "--beam", "2",
+                     "--length-penalty", "0.5", "--out", str(tmp_path / teacher), *args]) == 0
+        assert main(["train", "--init", str(two_views[0]), "--extra-captions",
+                     str(tmp_path / teacher / "captions_train.json"), "--out", str(tmp_path / student),
+                     "--epochs", "1", "--lr", "1e-3", "--batch-size", "8", "--checkpoint-every", "0", *args]) == 0
+        return tmp_path / student
+
+    run = distill(two_views, "teacher", "student")
     _, _, cfg = load_bundle(run / "best")
     assert cfg["training"]["teacher"]["model"] == [str(p) for p in two_views]
     assert cfg["training"]["teacher"]["beam_size"] == 2
-    assert main(["ship", str(run), "--name", "sat", "--dest", str(tmp_path / "models"), *args]) == 0
+    run2 = distill([run / "best", two_views[1]], "teacher2", "student2")
+    for r, name in ((run, "sat"), (run2, "sat2")):
+        assert main(["ship", str(r), "--name", name, "--dest", str(tmp_path / "models"), *args]) == 0
     dest = tmp_path / "models" / "sat"
     start = cfg["training"]["init_training"]["epoch"]
     assert [r["stage"] for r in read_metrics(dest)] == ["xe"] * start + ["distill"]
     card = (dest / "MODEL_CARD.md").read_text()
     assert "Sequence-level distillation" in card
-    cmds = card.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
-    assert cmds == [
-        "python -m captioning extract-features --image-size 288",
-        "python -m captioning train --decoder show_attend_tell --out runs/sat_xe --epochs 3 --lr-patience 100 --patience 100",
-        "python -m captioning train --decoder show_tell --out runs/st288 --epochs 3 --lr-patience 100 --patience 100 "
-        "--image-size 288",
-        "python -m captioning evaluate --model runs/sat_xe/best runs/st288/best --split train --beam 2 "
-        "--length-penalty 0.5 --out runs/teacher",
-        "python -m captioning train --init runs/sat_xe/best --extra-captions runs/teacher/captions_train.json "
-        "--out runs/sat --epochs 1 --lr 0.001 --batch-size 8 --lr-patience 1 --patience 4",
-        "python -m captioning ship runs/sat --name sat --beam 3 --length-penalty 0.0",
-    ], cmds
+
+    def commands(model):
+        return (tmp_path / "models" / model / "MODEL_CARD.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+
+    xe224 = "python -m captioning train --decoder show_attend_tell --out runs/sat224 --epochs 3 --lr-patience 100 --patience 100"
+    xe288 = ("python -m captioning train --decoder show_tell --out runs/st288 --epochs 3 --lr-patience 100 "
+             "--patience 100 --image-size 288")
+    round1 = ["python -m captioning evaluate --model runs/sat224/best runs/st288/best --split train --beam 2 "
+              "--length-penalty 0.5 --out runs/teacher",
+              "python -m captioning train --init runs/sat224/best --extra-captions runs/teacher/captions_train.json "
+              "--out runs/student --epochs 1 --lr 0.001 --batch-size 8 --lr-patience 1 --patience 4"]
+    assert commands("sat") == ["python -m captioning extract-features --image-size 288", xe224, xe288, *round1,
+                               "python -m captioning ship runs/student --name sat --beam 3 --length-penalty 0.0"]
+    assert commands("sat2") == [
+        "python -m captioning extract-features --image-size 288", xe224, xe288, *round1,
+        "python -m captioning evaluate --model runs/student/best runs/st288/best --split train --beam 2 "
+        "--length-penalty 0.5 --out runs/teacher2",
+        "python -m captioning train --init runs/sat224/best --extra-captions runs/teacher2/captions_train.json "
+        "--out runs/student2 --epochs 1 --lr 0.001 --batch-size 8 --lr-patience 1 --patience 4",
+        "python -m captioning ship runs/student2 --name sat2 --beam 3 --length-penalty 0.0"]

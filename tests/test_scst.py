@@ -160,7 +160,7 @@ def test_ship_a_fine_tuned_run(synth, features_dir, tmp_path):
     assert [int(r["epoch"]) for r in rows] == list(range(1, start + 3))
     assert rows[0]["train_reward"] == "" and float(rows[-1]["train_reward"]) > 0
     card = (dest / "MODEL_CARD.md").read_text()
-    assert "Self-critical fine-tuning" in card and "--init runs/sat_xe/best --scst" in card
+    assert "Self-critical fine-tuning" in card and "--init runs/xe/best --scst --out runs/scst" in card
     assert json.loads((dest / "metrics.json").read_text())["metrics"]["CIDEr"] >= 0
 
 
