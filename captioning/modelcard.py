@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .bundle import MODELS_DIR, load_bundle
+from .bundle import MODELS_DIR, BundleError, load_bundle, read_config
 from .encoders import grid_side
 
 PUBLISHED = {
@@ -125,8 +125,8 @@ def _recipe(training: dict, out: str, inputs: set[tuple[int, bool]]) -> list[str
         for m in members:
             if Path(m) != init:  # the starting point's recipe is already there
                 try:
-                    member_training = json.loads((Path(m) / "config.json").read_text())["training"]
-                except (OSError, ValueError, KeyError):
+                    member_training = read_config(m)["training"]
+                except (BundleError, KeyError):
                     raise ValueError(f"{m}: teacher model's config.json is gone or has no training record; "
                                      "the model card cannot say how to remake it") from None
                 lines += _recipe(member_training, _run_name(m), inputs)
@@ -186,8 +186,8 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
            if not init else f"Taken at epoch {init.get('epoch')}; training time to it ")
         + f"{train_s / 60:.1f} min on a 2-core CPU machine (feature extraction not included).",
     ]
+    ft_s = sum(float(r["seconds"]) for r in rows_ft)
     if rows_ft and tc_ft.get("extra_captions"):
-        ft_s = sum(float(r["seconds"]) for r in rows_ft)
         teacher, members = _teacher(cfg["training"])
         tm = teacher.get("metrics") or {}
         lines.append(
@@ -201,7 +201,6 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
             f"{tc_ft.get('seed')}. Best fine-tuning epoch {cfg['training'].get('epoch')} of {len(rows_ft)} run; "
             f"{ft_s / 60:.1f} min.")
     elif rows_ft:
-        ft_s = sum(float(r["seconds"]) for r in rows_ft)
         lines.append(
             f"- **Self-critical fine-tuning** (Rennie et al. 2017) from that model: REINFORCE on the CIDEr-D of "
             f"{tc_ft.get('scst_samples')} sampled captions per image (≤ {tc_ft.get('scst_max_len')} words), each "

@@ -296,6 +296,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
     ds = load_dataset(data)
     # Read now, so a bad file fails before feature extraction and before the run folder is written.
     extra = read_extra_captions(cfg.extra_captions, ds.split("train")) if cfg.extra_captions else {}
+    teacher = teacher_info(cfg.extra_captions) if cfg.extra_captions else None
     prep = Preprocessing(size=cfg.image_size)
     images_all = sorted(ds.captions)
     cache_dir = find_cache(features, cfg.encoder, prep, images_all)
@@ -432,7 +433,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
                     # How the starting model was trained, so the model card can give both stages.
                     training["init_training"] = init[2].get("training")
                 if cfg.extra_captions:
-                    training["teacher"] = teacher_info(cfg.extra_captions)
+                    training["teacher"] = teacher
                 save_bundle(out / "best", decoder, vocab, cfg.encoder, prep, extra={"training": training})
             else:
                 state["bad_epochs"] += 1
