@@ -194,12 +194,15 @@ class Merge(Decoder):
 @dataclass
 class ShowAttendTellConfig(DecoderConfig):
     attention_dim: int = 512
+    deep_output: bool = False  # Xu et al. eq. 7: the word is read from h, the context and the previous word
 
 
 class ShowAttendTell(Decoder):
     """Show, Attend and Tell (Xu et al. 2015, arXiv:1502.03044), soft attention: at every word
     the LSTM attends over the 7x7 grid; a gating scalar beta = sigmoid(f_beta(h)) scales the
-    context. Training adds the doubly stochastic penalty lambda * sum_p (1 - sum_t alpha_tp)^2."""
+    context. Training adds the doubly stochastic penalty lambda * sum_p (1 - sum_t alpha_tp)^2.
+    With ``deep_output`` the next word is predicted as in the paper's eq. 7,
+    L_o(E y_{t-1} + L_h h_t + L_z z_t), rather than from h_t alone."""
 
     has_attention = True
 
@@ -216,7 +219,10 @@ class ShowAttendTell(Decoder):
         self.f_beta = nn.Linear(H, C)
         self.cell = nn.LSTMCell(E + C, H)
         self.drop = nn.Dropout(cfg.dropout)
-        self.fc = nn.Linear(H, cfg.vocab_size)
+        if cfg.deep_output:
+            self.out_h = nn.Linear(H, E)
+            self.out_z = nn.Linear(C, E)
+        self.fc = nn.Linear(E if cfg.deep_output else H, cfg.vocab_size)
 
     def start(self, grid, pooled):
         mean = grid.mean(1)  # (B, C)
@@ -230,8 +236,10 @@ class ShowAttendTell(Decoder):
         alpha = torch.softmax(e, 1)  # (B, P)
         context = torch.bmm(alpha.unsqueeze(1), grid).squeeze(1)  # (B, C)
         context = torch.sigmoid(self.f_beta(h)) * context  # gating scalar beta, per channel as in Xu et al.
-        h, c = self.cell(torch.cat([self.embed(tokens), context], 1), (h, c))  # (B, H)
-        return F.log_softmax(self.fc(self.drop(h)), -1), (h, c), alpha
+        emb = self.embed(tokens)  # (B, E)
+        h, c = self.cell(torch.cat([emb, context], 1), (h, c))  # (B, H)
+        out = torch.tanh(emb + self.out_h(h) + self.out_z(context)) if self.config.deep_output else h  # (B, E) or (B, H)
+        return F.log_softmax(self.fc(self.drop(out)), -1), (h, c), alpha
 
     def teacher_forced(self, grid, pooled, captions):
         # Rows sorted by length: at step t only the captions still running are computed

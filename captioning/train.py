@@ -70,6 +70,7 @@ class TrainConfig:
     embed_dim: int = 512
     hidden_dim: int = 512
     attention_dim: int = 512
+    deep_output: bool = False  # show_attend_tell: predict from h, context and previous word (Xu et al. eq. 7)
     merge_dim: int = 512
     bidirectional: bool = False
     alpha_c: float = 1.0  # doubly stochastic attention weight (show_attend_tell)
@@ -100,7 +101,7 @@ def decoder_config(cfg: TrainConfig, vocab_size: int, feature_dim: int) -> dict:
     d = dict(vocab_size=vocab_size, feature_dim=feature_dim, embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
              dropout=cfg.dropout)
     if cfg.decoder == "show_attend_tell":
-        d["attention_dim"] = cfg.attention_dim
+        d.update(attention_dim=cfg.attention_dim, deep_output=cfg.deep_output)
     if cfg.decoder == "merge":
         d.update(merge_dim=cfg.merge_dim, bidirectional=cfg.bidirectional)
     return d

@@ -50,8 +50,9 @@ def greedy_bleu(decoder, cache: FeatureCache, captions: dict[str, list[str]], vo
     return score_captions(preds, captions, use_java=False, metrics=("bleu",)).metrics["BLEU-4"], preds
 
 
-def test_training_learns_the_synthetic_captions(synth, features_dir, tmp_path, encoder):
-    cfg = TrainConfig(decoder="show_attend_tell", epochs=8, lr=1e-2, dropout=0.2, **SMALL)
+@pytest.mark.parametrize("deep_output", [False, True])
+def test_training_learns_the_synthetic_captions(synth, features_dir, tmp_path, encoder, deep_output):
+    cfg = TrainConfig(decoder="show_attend_tell", epochs=8, lr=1e-2, dropout=0.2, deep_output=deep_output, **SMALL)
     run = train(str(synth.root), tmp_path / "run", cfg, features=features_dir, progress=False)
     assert run == tmp_path / "run"
 
@@ -96,6 +97,7 @@ def test_training_learns_the_synthetic_captions(synth, features_dir, tmp_path, e
 
     # End to end from pixels: the best bundle names colour and shape of unseen test images.
     cap = Captioner.from_pretrained(run / "best", encoder=encoder)
+    assert cap.decoder.config.deep_output == deep_output
     test_imgs = synth.splits["test"]
     res = cap.caption([synth.root / "Images" / n for n in test_imgs], beam_size=3)
     right = 0
