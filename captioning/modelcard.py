@@ -75,7 +75,8 @@ def _train_command(tc: dict, out: str) -> str:
     size = f" --image-size {tc['image_size']}" if tc.get("image_size", 224) != 224 else ""
     return (f"python -m captioning train --decoder {tc['decoder']} --out {out} --epochs {tc['epochs']} "
             f"--lr-patience {tc['lr_patience']} --patience {tc['patience']}{size}"
-            + (f" --flip-prob {tc['flip_prob']}" if tc.get("flip_prob") else ""))
+            + (f" --flip-prob {tc['flip_prob']}" if tc.get("flip_prob") else "")
+            + (" --deep-output" if tc.get("deep_output") else ""))
 
 
 def _teacher(training: dict) -> tuple[dict, list[str]]:

@@ -24,9 +24,10 @@ COLOUR_SWAP = {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green
 
 @pytest.fixture(scope="module")
 def two_views(synth, features_dir, tmp_path_factory):
-    """A 224 px show_attend_tell and a 288 px show_tell trained on the synthetic set."""
+    """A 224 px show_attend_tell (with the deep output layer) and a 288 px show_tell trained on the synthetic set."""
     root = tmp_path_factory.mktemp("views")
-    a = train(str(synth.root), root / "sat224", TrainConfig(decoder="show_attend_tell", epochs=3, lr=1e-2, **SMALL),
+    a = train(str(synth.root), root / "sat224", TrainConfig(decoder="show_attend_tell", epochs=3, lr=1e-2,
+                                                           deep_output=True, **SMALL),
               features=features_dir, progress=False)
     b = train(str(synth.root), root / "st288", TrainConfig(decoder="show_tell", epochs=3, lr=1e-2, image_size=288,
                                                           **SMALL), features=features_dir, progress=False)
@@ -146,7 +147,8 @@ def test_ship_a_distilled_run(synth, features_dir, two_views, tmp_path):
     def commands(model):
         return (tmp_path / "models" / model / "MODEL_CARD.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
 
-    xe224 = "python -m captioning train --decoder show_attend_tell --out runs/sat224 --epochs 3 --lr-patience 100 --patience 100"
+    xe224 = ("python -m captioning train --decoder show_attend_tell --out runs/sat224 --epochs 3 --lr-patience 100 "
+             "--patience 100 --deep-output")
     xe288 = ("python -m captioning train --decoder show_tell --out runs/st288 --epochs 3 --lr-patience 100 "
              "--patience 100 --image-size 288")
     round1 = ["python -m captioning evaluate --model runs/sat224/best runs/st288/best --split train --beam 2 "
