@@ -292,6 +292,8 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         b = read_config(cfg.init)
         cfg = replace(cfg, encoder=b["encoder"]["name"], decoder=b["decoder"]["type"],
                       image_size=int(b["preprocessing"]["size"]))
+    if cfg.deep_output and cfg.decoder != "show_attend_tell" and not cfg.init:
+        raise ValueError(f"--deep-output is a show_attend_tell option (Xu et al. eq. 7), not {cfg.decoder}'s")
     if cfg.scst and cfg.extra_captions:
         raise ValueError("extra captions are for cross-entropy training; SCST scores samples against the references")
     ds = load_dataset(data)

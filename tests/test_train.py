@@ -107,6 +107,13 @@ def test_training_learns_the_synthetic_captions(synth, features_dir, tmp_path, e
     assert right >= 3, [(n, r.text) for n, r in zip(test_imgs, res)]
 
 
+def test_deep_output_is_refused_for_other_decoders(synth, features_dir, tmp_path):
+    with pytest.raises(ValueError, match="show_attend_tell option"):
+        train(str(synth.root), tmp_path / "run", TrainConfig(decoder="merge", deep_output=True, **SMALL),
+              features=features_dir, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def _checkpoint(run: Path) -> tuple[dict, dict]:
     return load_file(str(run / "checkpoint" / "state.safetensors")), json.loads((run / "checkpoint" / "state.json").read_text())
 
