@@ -76,6 +76,7 @@ def _train_command(tc: dict, out: str) -> str:
     return (f"python -m captioning train --decoder {tc['decoder']} --out {out} --epochs {tc['epochs']} "
             f"--lr-patience {tc['lr_patience']} --patience {tc['patience']}{size}"
             + (f" --flip-prob {tc['flip_prob']}" if tc.get("flip_prob") else "")
+            + (f" --feature-dropout {tc['feature_dropout']}" if tc.get("feature_dropout") else "")
             + (" --deep-output" if tc.get("deep_output") else ""))
 
 
@@ -176,7 +177,8 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
         f"- **Data**: Flickr8k, official split: trained on the 6,000 train images (5 captions each), settings chosen "
         f"on the 1,000 dev images, reported once on the 1,000 test images. Vocabulary: {cfg['vocab_size']} tokens "
         f"(words seen ≥ {tc.get('min_count', 5)} times in train captions, plus 4 specials).",
-        f"- **Training**: Adam lr {tc.get('lr')}, batch {tc.get('batch_size')}, dropout {tc.get('dropout')}, "
+        f"- **Training**: Adam lr {tc.get('lr')}, batch {tc.get('batch_size')}, dropout {tc.get('dropout')}"
+        + (f" (and {tc['feature_dropout']} on the image features)" if tc.get("feature_dropout") else "") + ", "
         f"gradient clip {tc.get('grad_clip')}, lr ×{tc.get('lr_factor')} after {tc.get('lr_patience')} epochs without a "
         f"better dev {tc.get('select_metric')}, early stop after {tc.get('patience')}; "
         + (f"doubly stochastic attention λ={tc.get('alpha_c')}; " if kind == "show_attend_tell" else "")

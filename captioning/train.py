@@ -1,6 +1,7 @@
 """Training on cached encoder features, with validation, early stopping and exact resume.
 
-Teacher forcing with optional scheduled sampling (Bengio et al. 2015), dropout, mirrored photos
+Teacher forcing with optional scheduled sampling (Bengio et al. 2015), dropout (also on the cached
+features, ``feature_dropout``), mirrored photos
 as augmentation (``flip_prob``: a second feature cache of every photo flipped left to right,
 with "left" and "right" swapped in its captions), Adam,
 a reduce-on-plateau learning rate, gradient clipping, and for ``show_attend_tell`` the doubly
@@ -77,6 +78,7 @@ class TrainConfig:
     sample_prob_max: float = 0.0  # scheduled sampling: ramps linearly to this by the last epoch
     label_smoothing: float = 0.0
     flip_prob: float = 0.0  # chance that a training caption is read with its photo mirrored (not with scst)
+    feature_dropout: float = 0.0  # dropout on the cached grid and pooled features while training (not with scst)
     image_size: int = 224  # encoder input side in pixels; lite0 at 288 gives a 9x9 grid
     min_count: int = 5
     max_tokens: int = 32  # longer training captions are cut (with <end> kept)
@@ -294,6 +296,8 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
                       image_size=int(b["preprocessing"]["size"]))
     if cfg.deep_output and cfg.decoder != "show_attend_tell" and not cfg.init:
         raise ValueError(f"--deep-output is a show_attend_tell option (Xu et al. eq. 7), not {cfg.decoder}'s")
+    if not 0.0 <= cfg.feature_dropout < 1.0:
+        raise ValueError(f"--feature-dropout must be in [0, 1), got {cfg.feature_dropout}")
     if cfg.scst and cfg.extra_captions:
         raise ValueError("extra captions are for cross-entropy training; SCST scores samples against the references")
     ds = load_dataset(data)
@@ -391,6 +395,11 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
                                          vocab.itos, cfg.scst_samples, cfg.scst_max_len)
                 state["reward_sum"] = state.get("reward_sum", 0.0) + reward
             else:
+                if cfg.feature_dropout:
+                    # The frozen features are the decoder's whole view of the photo; dropping some (as
+                    # ruotianluo's AttModel drops half of its embedded image features) keeps it from
+                    # leaning on a few channels of 6,000 photos.
+                    g, p = F.dropout(g, cfg.feature_dropout), F.dropout(p, cfg.feature_dropout)  # (b, P, C), (b, C)
                 tok = np.where(views[idx, None] == 1, caps_mirrored[idx], caps[idx])  # (b, T)
                 loss = caption_loss(model, g, p, torch.from_numpy(tok),
                                     cfg.alpha_c if decoder.has_attention else 0.0, sample_prob, cfg.label_smoothing)

@@ -24,13 +24,15 @@ COLOUR_SWAP = {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green
 
 @pytest.fixture(scope="module")
 def two_views(synth, features_dir, tmp_path_factory):
-    """A 224 px show_attend_tell (with the deep output layer) and a 288 px show_tell trained on the synthetic set."""
+    """A 224 px show_attend_tell (with the deep output layer) and a 288 px show_tell (with feature
+    dropout) trained on the synthetic set."""
     root = tmp_path_factory.mktemp("views")
     a = train(str(synth.root), root / "sat224", TrainConfig(decoder="show_attend_tell", epochs=3, lr=1e-2,
                                                            deep_output=True, **SMALL),
               features=features_dir, progress=False)
     b = train(str(synth.root), root / "st288", TrainConfig(decoder="show_tell", epochs=3, lr=1e-2, image_size=288,
-                                                          **SMALL), features=features_dir, progress=False)
+                                                          feature_dropout=0.1, **SMALL),
+              features=features_dir, progress=False)
     return a / "best", b / "best"
 
 
@@ -150,7 +152,7 @@ def test_ship_a_distilled_run(synth, features_dir, two_views, tmp_path):
     xe224 = ("python -m captioning train --decoder show_attend_tell --out runs/sat224 --epochs 3 --lr-patience 100 "
              "--patience 100 --deep-output")
     xe288 = ("python -m captioning train --decoder show_tell --out runs/st288 --epochs 3 --lr-patience 100 "
-             "--patience 100 --image-size 288")
+             "--patience 100 --image-size 288 --feature-dropout 0.1")
     round1 = ["python -m captioning evaluate --model runs/sat224/best runs/st288/best --split train --beam 2 "
               "--length-penalty 0.5 --out runs/teacher",
               "python -m captioning train --init runs/sat224/best --extra-captions runs/teacher/captions_train.json "

@@ -19,12 +19,13 @@ from safetensors.torch import load_file
 
 from captioning.api import Captioner
 from captioning.bundle import load_bundle
+from captioning.data import load_dataset
 from captioning.decoders import build_decoder
 from captioning.decoding import SpecialIds, sample_decode
 from captioning.features import FeatureCache, find_cache
 from captioning.images import Preprocessing, load_image, preprocess
 from captioning.metrics import score_captions
-from captioning.train import TrainConfig, caption_loss, decoder_config, mirror_captions, train
+from captioning.train import TrainConfig, caption_loss, decoder_config, mirror_captions, train, validate
 from captioning.vocab import Vocab
 
 from conftest import KINDS, REPO_ROOT
@@ -114,6 +115,32 @@ def test_deep_output_is_refused_for_other_decoders(synth, features_dir, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("p", [-0.1, 1.0])
+def test_feature_dropout_out_of_range_is_refused(synth, features_dir, tmp_path, p):
+    with pytest.raises(ValueError, match="feature-dropout must be in"):
+        train(str(synth.root), tmp_path / "run", TrainConfig(feature_dropout=p, **SMALL),
+              features=features_dir, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_feature_dropout_changes_training_only(synth, features_dir, tmp_path):
+    """Dropout on the cached features perturbs the training batches (other weights after one epoch)
+    but not validation: the same weights validate to the same loss whatever the setting."""
+    runs = {}
+    for p in (0.0, 0.5):
+        cfg = TrainConfig(decoder="show_attend_tell", epochs=1, lr=3e-3, feature_dropout=p, **SMALL)
+        runs[p] = train(str(synth.root), tmp_path / f"run{p}", cfg, features=features_dir, progress=False)
+    a, _ = _checkpoint(runs[0.0])
+    b, _ = _checkpoint(runs[0.5])
+    assert not torch.equal(a["model.fc.weight"], b["model.fc.weight"])
+    ds = load_dataset(str(synth.root))
+    dec, vocab, _ = load_bundle(runs[0.5] / "best")
+    cache = FeatureCache.open(find_cache(features_dir, "efficientnet-lite0", Preprocessing(), sorted(synth.captions)))
+    val = [validate(dec, cache, ds, ds.split("dev"), vocab, TrainConfig(feature_dropout=p, **SMALL))
+           for p in (0.0, 0.5)]
+    assert val[0] == val[1]
+
+
 def _checkpoint(run: Path) -> tuple[dict, dict]:
     return load_file(str(run / "checkpoint" / "state.safetensors")), json.loads((run / "checkpoint" / "state.json").read_text())
 
@@ -122,8 +149,8 @@ def _checkpoint(run: Path) -> tuple[dict, dict]:
 def test_resume_is_exact(synth, features_dir, tmp_path, decoder, capsys):
     """Interrupted twice (once at an epoch's last batch, once mid-epoch) and resumed, a run ends with
     exactly the weights, Adam moments and RNG state of one that ran straight through."""
-    cfg = TrainConfig(decoder=decoder, epochs=3, lr=3e-3, dropout=0.5, sample_prob_max=0.5, flip_prob=0.5, seed=7,
-                      **SMALL)
+    cfg = TrainConfig(decoder=decoder, epochs=3, lr=3e-3, dropout=0.5, sample_prob_max=0.5, flip_prob=0.5,
+                      feature_dropout=0.3, seed=7, **SMALL)
     whole = train(str(synth.root), tmp_path / "whole", cfg, features=features_dir, progress=False)
     n_batches = math.ceil(sum(len(synth.captions[n]) for n in synth.splits["train"]) / cfg.batch_size)
     assert n_batches == 6
