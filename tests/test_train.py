@@ -108,18 +108,14 @@ def test_training_learns_the_synthetic_captions(synth, features_dir, tmp_path, e
     assert right >= 3, [(n, r.text) for n, r in zip(test_imgs, res)]
 
 
-def test_deep_output_is_refused_for_other_decoders(synth, features_dir, tmp_path):
-    with pytest.raises(ValueError, match="show_attend_tell option"):
-        train(str(synth.root), tmp_path / "run", TrainConfig(decoder="merge", deep_output=True, **SMALL),
-              features=features_dir, progress=False)
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("p", [-0.1, 1.0])
-def test_feature_dropout_out_of_range_is_refused(synth, features_dir, tmp_path, p):
-    with pytest.raises(ValueError, match="feature-dropout must be in"):
-        train(str(synth.root), tmp_path / "run", TrainConfig(feature_dropout=p, **SMALL),
-              features=features_dir, progress=False)
+@pytest.mark.parametrize("options, message", [
+    (dict(decoder="merge", deep_output=True), "show_attend_tell option"),
+    (dict(feature_dropout=-0.1), "feature-dropout must be in"),
+    (dict(feature_dropout=1.0), "feature-dropout must be in"),
+])
+def test_bad_options_are_refused_before_the_run_folder(synth, features_dir, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        train(str(synth.root), tmp_path / "run", TrainConfig(**options, **SMALL), features=features_dir, progress=False)
     assert not (tmp_path / "run").exists()
 
 
