@@ -107,6 +107,25 @@ def cmd_agreement(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline(a: argparse.Namespace) -> int:
+    from .evaluate import human_baseline
+
+    res = human_baseline(a.data, a.split, a.captions)
+    if a.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{a.split} split, {res['n_images']} images: each caption scored against {res['references']} "
+          f"references of its image ({res['tokenizer']} tokenizer)")
+    for note in res["notes"]:
+        print(f"note: {note}")
+    names = list(res["people"])
+    print(f"{'':8s} " + " ".join(f"{m:>8s}" for m in names))
+    for who in ("people", "model"):
+        if who in res:
+            print(f"{who:8s} " + " ".join(f"{res[who][m]:8.3f}" for m in names))
+    return 0
+
+
 def cmd_ship(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .modelcard import reproduce_command, set_decoding, ship, write_card
@@ -189,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--data", default=None)
     h.add_argument("--json", action="store_true")
     h.set_defaults(fn=cmd_agreement)
+
+    b = sub.add_parser("human-baseline", help="what people score: each reference against the others "
+                                              "(and a model's captions against the same references)")
+    b.add_argument("--data", default=None)
+    b.add_argument("--split", default="dev")
+    b.add_argument("--captions", default=None, help="a captions_<split>.json that evaluate wrote")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_baseline)
     return ap
 
 

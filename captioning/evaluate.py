@@ -1,5 +1,6 @@
-"""Evaluation on a split with the standard COCO caption metrics, and how well each metric
-agrees with people (Kendall's tau against Flickr8k's expert judgements)."""
+"""Evaluation on a split with the standard COCO caption metrics, how well each metric agrees
+with people (Kendall's tau against Flickr8k's expert judgements), and what people themselves
+score under those metrics (each reference against the others)."""
 from __future__ import annotations
 
 import json
@@ -150,6 +151,56 @@ def human_agreement(data: str | Path | None = None, use_java: Optional[bool] = N
         tau, p = kendalltau(vals, human)
         taus[name] = {"tau": round(float(tau), 4), "p": float(p)}
     return {"pairs": len(human), "tokenizer": s.tokenizer, "kendall_tau": taus}
+
+
+def read_captions_file(path: str | Path) -> dict[str, str]:
+    """The captions ``evaluate`` writes (captions_<split>.json: a list of {"image", "caption", ...})."""
+    path = Path(path)
+    try:
+        items = json.loads(path.read_text())
+        return {str(it["image"]): str(it["caption"]) for it in items}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: captions file not found") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a list of {{\"image\", \"caption\"}} records ({type(e).__name__}: {e})") from None
+
+
+def human_baseline(data: str | Path | None = None, split: str = "dev", captions: str | Path | None = None,
+                   use_java: Optional[bool] = None) -> dict:
+    """What people score: each of an image's n reference captions in turn is scored against the
+    other n - 1, and the n scores of every metric are averaged. With ``captions`` (a file that
+    ``evaluate`` wrote) the model's caption is scored against the same n - 1 references each
+    time, so the two rows compare like with like (a model scored against all n references, as
+    ``evaluate`` does, has one reference more than any person).
+
+    Returns:
+        {"split", "n_images", "references" (n - 1), "tokenizer", "notes", "people": {metric: score},
+        "model": {metric: score} (with ``captions``), "captions": path}
+    """
+    model = read_captions_file(captions) if captions else None  # a bad file fails before the data is read
+    ds = load_dataset(data)
+    images = ds.split(split)
+    if model is not None:
+        images = [k for k in images if k in model]
+        if not images:
+            raise ValueError(f"{captions}: no caption for any image of the {split} split")
+    n = min((len(ds.captions[k]) for k in images), default=0)
+    if n < 2:
+        raise ValueError(f"the {split} split needs at least two reference captions per image")
+    rows: dict[str, list[dict[str, float]]] = {"people": [], "model": []}
+    for i in range(n):
+        refs = {k: ds.captions[k][:i] + ds.captions[k][i + 1:n] for k in images}
+        s = score_captions({k: ds.captions[k][i] for k in images}, refs, use_java=use_java)
+        rows["people"].append(s.metrics)
+        if model is not None:
+            rows["model"].append(score_captions({k: model[k] for k in images}, refs, use_java=use_java).metrics)
+    res = {"split": split, "n_images": len(images), "references": n - 1, "tokenizer": s.tokenizer, "notes": s.notes}
+    for who, scores in rows.items():
+        if scores:
+            res[who] = {m: round(float(np.mean([x[m] for x in scores])), 4) for m in scores[0]}
+    if captions:
+        res["captions"] = str(captions)
+    return res
 
 
 def _per_pair_scores(preds: dict, refs: dict, java: bool) -> dict[str, list[float]]:

@@ -405,3 +405,44 @@ def test_python_tokenizer_ignores_case_and_punctuation():
     a = score_captions({"x": "A Red square, on white."}, {"x": ["a red square on white"]}, use_java=False,
                        metrics=("bleu",)).metrics
     assert math.isclose(a["BLEU-4"], 1.0, abs_tol=1e-6)
+
+
+def _captions_file(path: Path, captions: dict[str, str]) -> Path:
+    path.write_text(json.dumps([{"image": k, "caption": c} for k, c in captions.items()]))
+    return path
+
+
+def test_human_baseline_scores_each_reference_against_the_others(synth, tmp_path, capsys):
+    from captioning.cli import main
+    from captioning.evaluate import human_baseline
+
+    dev = synth.splits["dev"]  # one image of each kind, three captions each
+    people = human_baseline(synth.root, "dev", use_java=False)
+    assert people["n_images"] == 4 and people["references"] == 2 and "model" not in people
+    # No held-out caption is word for word one of the other two; scored against itself it would get 1.0.
+    assert 0.2 < people["people"]["BLEU-4"] < 0.9
+
+    # A model that repeats the first person: it ties with them when they are held out and
+    # quotes a reference otherwise, so it must score above people; wrong-kind captions far below.
+    parrot = human_baseline(synth.root, "dev", _captions_file(tmp_path / "parrot.json", {k: synth.captions[k][0] for k in dev}),
+                            use_java=False)
+    assert parrot["people"] == people["people"]
+    assert parrot["model"]["BLEU-4"] > people["people"]["BLEU-4"] and parrot["model"]["CIDEr"] > people["people"]["CIDEr"]
+    shifted = {k: synth.captions[dev[(i + 1) % len(dev)]][0] for i, k in enumerate(dev)}
+    wrong = human_baseline(synth.root, "dev", _captions_file(tmp_path / "wrong.json", shifted), use_java=False)
+    assert wrong["model"]["CIDEr"] < 0.5 * people["people"]["CIDEr"]
+
+    # A file for some of the images: people are scored on the same images.
+    part = human_baseline(synth.root, "dev", _captions_file(tmp_path / "part.json", {k: shifted[k] for k in dev[:2]}),
+                          use_java=False)
+    assert part["n_images"] == 2 and part["people"] != people["people"]
+
+    test_only = _captions_file(tmp_path / "test.json", {k: "a caption" for k in synth.splits["test"]})
+    with pytest.raises(ValueError, match="no caption for any image of the dev split"):
+        human_baseline(synth.root, "dev", test_only, use_java=False)
+    (tmp_path / "bad.json").write_text('{"not": "a list"}')
+    capsys.readouterr()
+    for bad, message in ((tmp_path / "missing.json", "captions file not found"), (tmp_path / "bad.json", "not a list")):
+        assert main(["human-baseline", "--data", str(synth.root), "--captions", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
