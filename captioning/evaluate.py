@@ -167,8 +167,9 @@ def read_captions_file(path: str | Path) -> dict[str, str]:
 
 def human_baseline(data: str | Path | None = None, split: str = "dev", captions: str | Path | None = None,
                    use_java: Optional[bool] = None) -> dict:
-    """What people score: each of an image's n reference captions in turn is scored against the
-    other n - 1, and the n scores of every metric are averaged. With ``captions`` (a file that
+    """What people score: each of an image's first n reference captions in turn is scored against
+    the other n - 1, and the n scores of every metric are averaged (n: the fewest references any
+    image of the split has, so every row uses the same number; 5 in Flickr8k). With ``captions`` (a file that
     ``evaluate`` wrote) the model's caption is scored against the same n - 1 references each
     time, so the two rows compare like with like (a model scored against all n references, as
     ``evaluate`` does, has one reference more than any person).
