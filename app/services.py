@@ -70,6 +70,7 @@ class ModelInfo:
     error: Optional[str] = None
     stamp: float = 0.0  # weights' modification time: a retrained bundle gets a new cache key
     length_penalty: float = 0.0  # the bundle's recommended decoding (config.json "decoding")
+    rerank: float = 0.0  # its matcher weight for re-ranking the beams (0: none)
 
     @property
     def key(self) -> str:
@@ -102,9 +103,10 @@ def list_models(root: Optional[Path] = None) -> list[ModelInfo]:
             w = d / "model.safetensors"
             stamp = w.stat().st_mtime if w.is_file() else 0.0
             err = None if w.is_file() else f"{w}: missing"
-            lp = float((cfg.get("decoding") or {}).get("length_penalty", 0.0))
+            dec = cfg.get("decoding") or {}
+            lp, rerank = float(dec.get("length_penalty", 0.0)), float(dec.get("rerank", 0.0))
             out.append(ModelInfo(d.name, str(d), kind, str(cfg["encoder"].get("name", "")),
-                                 kind == "show_attend_tell", err, stamp, lp))
+                                 kind == "show_attend_tell", err, stamp, lp, rerank))
         except (BundleError, KeyError, TypeError, AttributeError, OSError) as e:
             out.append(ModelInfo(d.name, str(d), error=str(e).splitlines()[0]))
     rank = {n: i for i, n in enumerate(MODEL_ORDER)}

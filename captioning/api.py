@@ -13,6 +13,7 @@ from .decoders import Decoder
 from .decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, sample_decode
 from .encoders import Encoder, build_encoder, imagenet_classes
 from .images import ImageInput, Preprocessing, load_image, preprocess
+from .matcher import Matcher, load_matcher
 from .vocab import Vocab, detokenize
 
 
@@ -27,6 +28,7 @@ class Caption:
     score: float
     finished: bool
     attention: Optional[np.ndarray] = None
+    match: Optional[float] = None  # the matcher's cosine with the photo, when the beams were re-ranked
 
 
 @dataclass
@@ -65,9 +67,11 @@ class Captioner:
     """A frozen encoder plus one decoder (or an ensemble of decoders sharing a vocabulary)."""
 
     def __init__(self, encoder: Encoder, decoder: Union[Decoder, Ensemble], vocab: Vocab,
-                 prep: Preprocessing = Preprocessing(), config: Optional[dict] = None):
+                 prep: Preprocessing = Preprocessing(), config: Optional[dict] = None,
+                 matcher: Optional[Matcher] = None):
         self.encoder = encoder.eval()
         self.decoder = decoder.eval()
+        self.matcher = matcher
         self.vocab = vocab
         self.prep = prep
         self.config = config or {}
@@ -86,6 +90,14 @@ class Captioner:
             return 0.0
         return float((self.config.get("decoding") or {}).get("length_penalty", 0.0))
 
+    @property
+    def default_rerank(self) -> float:
+        """The matcher weight the bundle recommends for re-ranking the beams (its ``decoding``
+        section, chosen on the dev split); 0 without a matcher."""
+        if self.matcher is None:
+            return 0.0
+        return float((self.config.get("decoding") or {}).get("rerank", 0.0))
+
     @classmethod
     def from_pretrained(cls, path: Union[str, Path, Sequence[Union[str, Path]], None] = None,
                         encoder: Optional[Encoder] = None) -> "Captioner":
@@ -101,7 +113,9 @@ class Captioner:
                 raise ValueError(f"{p}: encoder or preprocessing differs from {paths[0]}")
         enc = encoder or build_encoder(cfg["encoder"]["name"])
         decoder = dec0 if len(loaded) == 1 else Ensemble([d for d, _, _ in loaded])
-        return cls(enc, decoder, vocab, Preprocessing.from_dict(cfg["preprocessing"]), cfg)
+        # An ensemble's beams are not re-ranked: its members' matchers could disagree.
+        matcher = load_matcher(paths[0]) if len(loaded) == 1 else None
+        return cls(enc, decoder, vocab, Preprocessing.from_dict(cfg["preprocessing"]), cfg, matcher)
 
     def load(self, image: ImageInput):
         return load_image(image)
@@ -127,8 +141,8 @@ class Captioner:
     def caption(self, images: Union[ImageInput, Sequence[ImageInput]], beam_size: int = 3, nbest: int = 1,
                 max_len: int = 20, min_len: int = 1, length_penalty: Optional[float] = None, no_repeat_ngram: int = 0,
                 method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
-                return_lattice: bool = False, batch_size: int = 64, seed: Optional[int] = None
-                ) -> list[CaptionResult]:
+                return_lattice: bool = False, batch_size: int = 64, seed: Optional[int] = None,
+                rerank: Optional[float] = None) -> list[CaptionResult]:
         """Caption images (paths, bytes or PIL images; one or a list).
 
         Args:
@@ -137,6 +151,9 @@ class Captioner:
                 length_penalty None is the bundle's ``default_length_penalty``.
             allow_unk: let the model say <unk> (off: it is masked out).
             return_lattice: keep what beam search considered at each step.
+            rerank: beam search only: re-rank all ``beam_size`` finished beams by score + rerank *
+                the matcher's cosine with the photo (matcher.py); None is the bundle's
+                ``default_rerank``, 0 turns it off.
         Returns:
             One CaptionResult per image, in order. Raises ImageError for an unreadable image.
         """
@@ -152,25 +169,38 @@ class Captioner:
                                          min_len=min_len, length_penalty=length_penalty,
                                          no_repeat_ngram=no_repeat_ngram, method=method, temperature=temperature,
                                          top_k=top_k, allow_unk=allow_unk, return_lattice=return_lattice,
-                                         generator=gen)
+                                         generator=gen, rerank=rerank)
         return out
 
     @torch.no_grad()
     def caption_features(self, grid: torch.Tensor, pooled: torch.Tensor, beam_size: int = 3, nbest: int = 1,
                          max_len: int = 20, min_len: int = 1, length_penalty: Optional[float] = None,
                          no_repeat_ngram: int = 0, method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
-                         return_lattice: bool = False, generator: Optional[torch.Generator] = None
-                         ) -> list[CaptionResult]:
+                         return_lattice: bool = False, generator: Optional[torch.Generator] = None,
+                         rerank: Optional[float] = None) -> list[CaptionResult]:
         """Like ``caption`` but from encoder output: grid (B, P, C), pooled (B, C)."""
         if length_penalty is None:
             length_penalty = self.default_length_penalty
+        if rerank is None:
+            rerank = self.default_rerank
+        if rerank and self.matcher is None:
+            raise ValueError("re-ranking needs a matcher in the model folder (python -m captioning train-matcher)")
         common = dict(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk, ids=self.ids)
         if method == "beam":
             lat = Lattice() if return_lattice else None
-            hyps = beam_search(self.decoder, grid, pooled, beam_size=beam_size, nbest=nbest,
-                               length_penalty=length_penalty, lattice=lat, **common)
-            return [CaptionResult([self._words(h) for h in hs], lat.steps[b] if lat else None)
-                    for b, hs in enumerate(hyps)]
+            hyps = beam_search(self.decoder, grid, pooled, beam_size=beam_size,
+                               nbest=beam_size if rerank else nbest, length_penalty=length_penalty, lattice=lat,
+                               **common)
+            out = []
+            for b, hs in enumerate(hyps):
+                caps = [self._words(h) for h in hs]
+                if rerank:
+                    sims = self.matcher.similarity(pooled[b], [c.tokens for c in caps])  # (K,)
+                    for c, m in zip(caps, sims.tolist()):
+                        c.match, c.score = m, c.score + rerank * m
+                    caps.sort(key=lambda c: -c.score)
+                out.append(CaptionResult(caps[:nbest], lat.steps[b] if lat else None))
+            return out
         if method in ("greedy", "sample"):
             hyps = sample_decode(self.decoder, grid, pooled, greedy=method == "greedy", temperature=temperature,
                                  top_k=top_k, generator=generator, **common)

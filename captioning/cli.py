@@ -32,13 +32,16 @@ def cmd_caption(a: argparse.Namespace) -> int:
         _err("give IMAGE files, --sample NAME or --samples")
         return 2
     cap = Captioner.from_pretrained(a.model)
+    if a.rerank and cap.matcher is None:
+        _err(f"{a.model or DEFAULT_MODEL}: --rerank needs a matcher in the model folder (python -m captioning train-matcher)")
+        return 2
     results, failed = [], 0
     for item in inputs:
         path = item[0] if isinstance(item, tuple) else item
         try:
             src = load_sample(item[1]) if isinstance(item, tuple) else item
             r = cap.caption(src, beam_size=a.beam, nbest=a.nbest, length_penalty=a.length_penalty,
-                            method="greedy" if a.beam == 1 else "beam")[0]
+                            method="greedy" if a.beam == 1 else "beam", rerank=a.rerank)[0]
         except ImageError as e:
             _err(str(e))
             failed += 1
@@ -83,7 +86,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     res = evaluate(a.model[0] if a.model and len(a.model) == 1 else a.model, a.data, split=a.split, beam_size=a.beam, limit=a.limit, features=a.features,
-                   length_penalty=a.length_penalty, out=a.out)
+                   length_penalty=a.length_penalty, rerank=a.rerank, out=a.out)
     if a.json:
         print(json.dumps(res, indent=2))
     else:
@@ -91,6 +94,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             print(f"{k:8s} {v:.4f}")
         for n in res["notes"]:
             print(f"note: {n}")
+    return 0
+
+
+def cmd_matcher(a: argparse.Namespace) -> int:
+    from .matcher import fit_matcher
+
+    info = fit_matcher(a.model, a.data, a.features, epochs=a.epochs, seed=a.seed)
+    r = info["dev_recall"]
+    print(f"matcher written into {a.model} (best epoch {info['best_epoch']}: dev R@1 {r['R@1']:.3f}, "
+          f"R@5 {r['R@5']:.3f}, R@10 {r['R@10']:.3f})")
     return 0
 
 
@@ -131,10 +144,10 @@ def cmd_ship(a: argparse.Namespace) -> int:
     from .modelcard import reproduce_command, set_decoding, ship, write_card
 
     dest = ship(a.run, a.name, a.dest) if a.dest else ship(a.run, a.name)
-    set_decoding(dest, a.beam, a.length_penalty)
+    set_decoding(dest, a.beam, a.length_penalty, a.rerank)
     res = evaluate(dest, a.data, split="test", beam_size=a.beam, features=a.features,
-                   length_penalty=a.length_penalty)
-    cmd = reproduce_command(dest, a.run, a.name, a.beam, a.length_penalty)
+                   length_penalty=a.length_penalty, rerank=a.rerank)
+    cmd = reproduce_command(dest, a.run, a.name, a.beam, a.length_penalty, a.rerank)
     write_card(dest, cmd, a.notes or "")
     print(json.dumps(res["metrics"]))
     return 0
@@ -154,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
     c.add_argument("--nbest", type=int, default=1, help="how many captions per image")
     c.add_argument("--length-penalty", type=float, default=None, help="default: the model's (config.json decoding)")
+    c.add_argument("--rerank", type=float, default=None,
+                   help="matcher weight for re-ranking the beams (default: the model's; 0: off)")
     c.add_argument("--json", action="store_true", help="print one JSON document")
     c.set_defaults(fn=cmd_caption)
 
@@ -186,11 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", default="test")
     v.add_argument("--beam", type=int, default=3)
     v.add_argument("--length-penalty", type=float, default=None, help="default: the model's (config.json decoding)")
+    v.add_argument("--rerank", type=float, default=None,
+                   help="matcher weight for re-ranking the beams (default: the model's; 0: off)")
     v.add_argument("--limit", type=int, default=0)
     v.add_argument("--features", default=str(DEFAULT_FEATURES))
     v.add_argument("--out", default=None, help="where metrics.json and captions go (default: the model folder)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_evaluate)
+
+    m = sub.add_parser("train-matcher", help="train the image-caption matcher that re-ranks a model's beams")
+    m.add_argument("--model", required=True, help="bundle folder; the matcher is written into it")
+    m.add_argument("--data", default=None)
+    m.add_argument("--features", default=str(DEFAULT_FEATURES))
+    m.add_argument("--epochs", type=int, default=30)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(fn=cmd_matcher)
 
     s = sub.add_parser("ship", help="copy RUN/best to assets/models/NAME, evaluate on test, write its model card")
     s.add_argument("run")
@@ -200,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--beam", type=int, default=3)
     s.add_argument("--length-penalty", type=float, default=0.0,
                    help="chosen on the dev split; recorded as the model's default (config.json decoding)")
+    s.add_argument("--rerank", type=float, default=0.0,
+                   help="matcher weight for re-ranking the beams, chosen on the dev split (needs train-matcher)")
     s.add_argument("--features", default=str(DEFAULT_FEATURES))
     s.add_argument("--notes", default=None)
     s.set_defaults(fn=cmd_ship)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .bundle import MODELS_DIR, BundleError, load_bundle, read_config
 from .encoders import grid_side
+from .matcher import MATCHER_CONFIG
 
 PUBLISHED = {
     "show_attend_tell": "Xu et al. 2015 (Show, Attend and Tell), Flickr8k, Table 1: soft attention BLEU-4 0.195, "
@@ -37,7 +38,12 @@ def ship(run: str | Path, name: str, dest_root: str | Path = MODELS_DIR) -> Path
         start = (json.loads((init / "config.json").read_text()).get("training") or {}).get("epoch", 0)
         # A shipped bundle carries its curve; a run's best/ bundle has it one folder up.
         curve = init / "metrics.csv" if (init / "metrics.csv").is_file() else init.parent / "metrics.csv"
-        before = [dict(r, stage=r.get("stage") or "xe") for r in _curve(curve) if int(r["epoch"]) <= start]
+        prior = [dict(r, stage=r.get("stage") or "xe") for r in _curve(curve)]
+        if prior and prior[-1]["stage"] != "xe":
+            # A fine-tuned starting bundle's curve already runs through its own stages: its epoch
+            # counts within its last stage, which follows the rows of the earlier ones.
+            start += sum(r["stage"] != prior[-1]["stage"] for r in prior)
+        before = [r for r in prior if int(r["epoch"]) <= start]
         for r in rows:
             r["epoch"] = str(int(r["epoch"]) + start)
         rows = before + rows
@@ -53,12 +59,13 @@ def ship(run: str | Path, name: str, dest_root: str | Path = MODELS_DIR) -> Path
     return dest
 
 
-def set_decoding(model: str | Path, beam_size: int, length_penalty: float) -> None:
+def set_decoding(model: str | Path, beam_size: int, length_penalty: float, rerank: float = 0.0) -> None:
     """Record the decoding settings chosen on the dev split in the bundle's config.json: the
     Captioner, the CLI and the app use them unless told otherwise."""
     p = Path(model) / "config.json"
     cfg = json.loads(p.read_text())
-    cfg["decoding"] = {"beam_size": int(beam_size), "length_penalty": float(length_penalty)}
+    cfg["decoding"] = {"beam_size": int(beam_size), "length_penalty": float(length_penalty),
+                       **({"rerank": float(rerank)} if rerank else {})}
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(cfg, indent=2))
     tmp.replace(p)
@@ -87,7 +94,8 @@ def _teacher(training: dict) -> tuple[dict, list[str]]:
     return teacher, [members] if isinstance(members, str) else list(members)
 
 
-def reproduce_command(model: str | Path, run: str | Path, name: str, beam_size: int, length_penalty: float) -> str:
+def reproduce_command(model: str | Path, run: str | Path, name: str, beam_size: int, length_penalty: float,
+                      rerank: float = 0.0) -> str:
     """The commands that remake a shipped bundle from scratch, read from the training records in
     its config.json and in its teachers' bundles: the feature caches, then every run in the order
     it needs the others (cross-entropy runs, teacher captions, distillation or SCST fine-tuning),
@@ -101,7 +109,12 @@ def reproduce_command(model: str | Path, run: str | Path, name: str, beam_size: 
     pre += ["python -m captioning extract-features --flip" + (f" --image-size {size}" if size != 224 else "")
             for size in sorted({size for size, flip in inputs if flip})]
     lines = list(dict.fromkeys(pre + lines))  # a run two teachers share is made once
-    lines.append(f"python -m captioning ship {out} --name {name} --beam {beam_size} --length-penalty {length_penalty}")
+    matcher = Path(model) / MATCHER_CONFIG
+    if matcher.is_file():
+        epochs = json.loads(matcher.read_text()).get("epochs", 30)
+        lines.append(f"python -m captioning train-matcher --model {out}/best --epochs {epochs}")
+    lines.append(f"python -m captioning ship {out} --name {name} --beam {beam_size} --length-penalty {length_penalty}"
+                 + (f" --rerank {rerank}" if rerank else ""))
     return "\n".join(lines)
 
 
@@ -158,14 +171,17 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
     metrics = json.loads((model / "metrics.json").read_text()) if (model / "metrics.json").is_file() else None
     rows = list(csv.DictReader((model / "metrics.csv").open())) if (model / "metrics.csv").is_file() else []
     kind = cfg["decoder"]["type"]
-    tc = cfg.get("training", {}).get("config", {})
-    init = cfg.get("training", {}).get("init_training")
-    if init:  # two stages: describe the cross-entropy one, then the fine-tuning
-        rows_xe = [r for r in rows if r.get("stage", "xe") == "xe"]
-        rows_ft = [r for r in rows if r.get("stage", "xe") != "xe"]
-        tc_ft, tc = tc, init.get("config", {})
-    else:
-        rows_xe, rows_ft, tc_ft = rows, [], {}
+    # The training records nest, newest first: a fine-tuned bundle keeps the record of the bundle it
+    # started from (which may itself be fine-tuned). The innermost one is the cross-entropy run.
+    chain = []
+    t = cfg.get("training") or {}
+    while t:
+        chain.append(t)
+        t = t.get("init_training") or {}
+    base = chain[-1] if chain else {}
+    tc = base.get("config", {})
+    stages = chain[:-1][::-1]  # fine-tuning stages, oldest first
+    rows_xe = [r for r in rows if r.get("stage", "xe") == "xe"]
     train_s = sum(float(r["seconds"]) for r in rows_xe)
     side = grid_side(cfg["preprocessing"]["size"])
     lines = [
@@ -185,33 +201,51 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
         + (f"each caption read with its photo mirrored left to right with probability {tc['flip_prob']} "
            "(\"left\" and \"right\" swapped); " if tc.get("flip_prob") else "")
         + f"seed {tc.get('seed')}. "
-        + (f"Best epoch {cfg.get('training', {}).get('epoch')} of {len(rows_xe)}; training time "
-           if not init else f"Taken at epoch {init.get('epoch')}; training time to it ")
+        + (f"Best epoch {base.get('epoch')} of {len(rows_xe)}; training time "
+           if not stages else f"Taken at epoch {base.get('epoch')}; training time to it ")
         + f"{train_s / 60:.1f} min on a 2-core CPU machine (feature extraction not included).",
     ]
-    ft_s = sum(float(r["seconds"]) for r in rows_ft)
-    if rows_ft and tc_ft.get("extra_captions"):
-        teacher, members = _teacher(cfg["training"])
-        tm = teacher.get("metrics") or {}
+    for st in stages:
+        tc_ft = st.get("config", {})
+        name = "scst" if tc_ft.get("scst") else "distill" if tc_ft.get("extra_captions") else "xe"
+        rows_ft = [r for r in rows if r.get("stage") == name]
+        ft_s = sum(float(r["seconds"]) for r in rows_ft)
+        if name == "distill":
+            teacher, members = _teacher(st)
+            tm = teacher.get("metrics") or {}
+            lines.append(
+                f"- **Sequence-level distillation** (Kim & Rush 2016) from that model: cross-entropy fine-tuning on "
+                f"the references plus one caption per train image written by a teacher, the ensemble of "
+                f"{', '.join(f'`{m}`' for m in members) or '(not recorded)'} at beam {teacher.get('beam_size', '?')} and length penalty "
+                f"{teacher.get('length_penalty', '?')}"
+                + (f" (its captions score BLEU-4 {tm['BLEU-4']:.3f}, CIDEr {tm['CIDEr']:.3f} against the train "
+                   f"references)" if "CIDEr" in tm else "")
+                + f"; Adam lr {tc_ft.get('lr')}, batch {tc_ft.get('batch_size')}, dropout {tc_ft.get('dropout')}; seed "
+                f"{tc_ft.get('seed')}. Best fine-tuning epoch {st.get('epoch')} of {len(rows_ft)} run; "
+                f"{ft_s / 60:.1f} min.")
+        elif name == "scst":
+            lines.append(
+                f"- **Self-critical fine-tuning** (Rennie et al. 2017) from that model: REINFORCE on the CIDEr-D of "
+                f"{tc_ft.get('scst_samples')} sampled captions per image (≤ {tc_ft.get('scst_max_len')} words), each "
+                f"baselined by the mean reward of the image's other samples (Luo 2020); Adam lr {tc_ft.get('lr')}, "
+                f"{tc_ft.get('batch_size')} images per batch, dropout {tc_ft.get('dropout')}, lr ×{tc_ft.get('lr_factor')} "
+                f"after {tc_ft.get('lr_patience')} epochs without a better dev {tc_ft.get('select_metric')}; seed "
+                f"{tc_ft.get('seed')}. Best fine-tuning epoch {st.get('epoch')} of {len(rows_ft)} run; "
+                f"{ft_s / 60:.1f} min.")
+    mp = model / MATCHER_CONFIG
+    if mp.is_file():
+        mi = json.loads(mp.read_text())
+        r = mi.get("dev_recall") or {}
+        w = (cfg.get("decoding") or {}).get("rerank", 0.0)
         lines.append(
-            f"- **Sequence-level distillation** (Kim & Rush 2016) from that model: cross-entropy fine-tuning on "
-            f"the references plus one caption per train image written by a teacher, the ensemble of "
-            f"{', '.join(f'`{m}`' for m in members) or '(not recorded)'} at beam {teacher.get('beam_size', '?')} and length penalty "
-            f"{teacher.get('length_penalty', '?')}"
-            + (f" (its captions score BLEU-4 {tm['BLEU-4']:.3f}, CIDEr {tm['CIDEr']:.3f} against the train "
-               f"references)" if "CIDEr" in tm else "")
-            + f"; Adam lr {tc_ft.get('lr')}, batch {tc_ft.get('batch_size')}, dropout {tc_ft.get('dropout')}; seed "
-            f"{tc_ft.get('seed')}. Best fine-tuning epoch {cfg['training'].get('epoch')} of {len(rows_ft)} run; "
-            f"{ft_s / 60:.1f} min.")
-    elif rows_ft:
-        lines.append(
-            f"- **Self-critical fine-tuning** (Rennie et al. 2017) from that model: REINFORCE on the CIDEr-D of "
-            f"{tc_ft.get('scst_samples')} sampled captions per image (≤ {tc_ft.get('scst_max_len')} words), each "
-            f"baselined by the mean reward of the image's other samples (Luo 2020); Adam lr {tc_ft.get('lr')}, "
-            f"{tc_ft.get('batch_size')} images per batch, dropout {tc_ft.get('dropout')}, lr ×{tc_ft.get('lr_factor')} "
-            f"after {tc_ft.get('lr_patience')} epochs without a better dev {tc_ft.get('select_metric')}; seed "
-            f"{tc_ft.get('seed')}. Best fine-tuning epoch {cfg['training'].get('epoch')} of {len(rows_ft)} run; "
-            f"{ft_s / 60:.1f} min.")
+            f"- **Re-ranking**: " + (f"the {cfg['decoding'].get('beam_size', '?')} finished beams are re-ranked by their "
+                                     f"score + {w} × the cosine between photo and caption of " if w else "ships ")
+            + f"an image-caption matcher (`matcher.safetensors`: pooled features and a bidirectional GRU over the "
+            f"words in one {mi.get('config', {}).get('joint_dim')}-d space, symmetric InfoNCE; Fang et al. 2015 "
+            f"re-ranked COCO captions this way), trained on the train references for {mi.get('epochs')} epochs, kept at "
+            f"epoch {mi.get('best_epoch')} by dev image→caption recall (1,000 photos: R@1 {r.get('R@1', 0):.3f}, "
+            f"R@5 {r.get('R@5', 0):.3f}, R@10 {r.get('R@10', 0):.3f}); {mi.get('minutes')} min.")
+    any_scst = any(st.get("config", {}).get("scst") for st in stages)
     lines += [
         f"- **Weights**: fp16 safetensors, {(model / 'model.safetensors').stat().st_size / 1e6:.1f} MB.",
         "", "## Test split (Flickr8k, 1,000 images)", "",
@@ -228,7 +262,7 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
     if notes:
         lines += ["## Notes", "", notes, ""]
     lines += ["Training curve: `metrics.csv` (epoch, train/val loss, greedy val BLEU-4 and CIDEr, lr, seconds"
-              + (", stage, mean SCST reward)." if rows_ft and tc_ft.get("scst") else ", stage)." if rows_ft else ").")]
+              + (", stage, mean SCST reward)." if any_scst else ", stage)." if stages else ").")]
     p = model / "MODEL_CARD.md"
     p.write_text("\n".join(lines) + "\n")
     return p

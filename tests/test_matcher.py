@@ -1,0 +1,164 @@
+"""The image-caption matcher (captioning/matcher.py) and re-ranking the beams with it."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from captioning import Captioner
+from captioning.bundle import read_config, save_bundle
+from captioning.matcher import (MATCHER_CONFIG, MATCHER_WEIGHTS, Matcher, MatcherConfig, load_matcher,
+                                retrieval_recall, save_matcher, train_matcher)
+from captioning.modelcard import set_decoding
+from captioning.vocab import Vocab
+from conftest import KINDS
+from test_bundle_api_cli import images, small_decoder  # noqa: F401 (images is a fixture)
+
+KIND_NAMES = list(KINDS)
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocab:
+    return Vocab.build([c for caps in KINDS.values() for c in caps], min_count=1)
+
+
+def synthetic_pairs(vocab: Vocab, per_kind: int, seed: int, dim: int = 32):
+    """Features: one random prototype per kind plus noise; captions: that kind's captions."""
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randn(len(KINDS), dim, generator=g)  # the same prototypes for every call
+    g.manual_seed(seed)
+    kinds = [k for k in range(len(KINDS)) for _ in range(per_kind)]
+    feats = protos[kinds] + 0.5 * torch.randn(len(kinds), dim, generator=g)  # (B, dim)
+    caps = [[vocab.encode(c, add_special=False) for c in KINDS[KIND_NAMES[k]]] for k in kinds]
+    return feats, caps, kinds
+
+
+def kind_accuracy(m: Matcher, feats, kinds, vocab) -> float:
+    """How often a photo's own kind's first caption is the closest of the four kinds' captions."""
+    caps = [vocab.encode(KINDS[k][0], add_special=False) for k in KIND_NAMES]
+    return float(np.mean([int(m.similarity(f, caps).argmax()) == k for f, k in zip(feats, kinds)]))
+
+
+def test_matcher_learns_which_caption_fits(vocab):
+    """Trained contrastively, the matcher picks each held-out photo's own caption; untrained it
+    is near chance (1 in 4)."""
+    feats, caps, kinds = synthetic_pairs(vocab, per_kind=12, seed=1)
+    vf, vcaps, vkinds = synthetic_pairs(vocab, per_kind=5, seed=2)
+    cfg = MatcherConfig(vocab_size=len(vocab), feature_dim=32, embed_dim=16, joint_dim=32)
+    torch.manual_seed(0)
+    assert kind_accuracy(Matcher(cfg).eval(), vf, vkinds, vocab) < 0.6
+    m, log = train_matcher(feats, caps, vf, [c[0] for c in vcaps], cfg, epochs=25, batch_size=16, lr=3e-3,
+                           progress=False)
+    assert len(log) == 25 and log[-1]["loss"] < log[0]["loss"]
+    assert kind_accuracy(m, vf, vkinds, vocab) == 1.0
+    # The kept epoch is the one with the best validation R@5, and its recall is what it reports.
+    best = max(log, key=lambda r: r["R@5"])
+    assert retrieval_recall(m, vf, [c[0] for c in vcaps])["R@5"] == pytest.approx(best["R@5"])
+
+
+def test_save_load_round_trip_and_bad_files(tmp_path, vocab):
+    m = Matcher(MatcherConfig(vocab_size=len(vocab), feature_dim=32, embed_dim=16, joint_dim=32)).eval()
+    save_matcher(tmp_path, m, {"note": "kept"})
+    assert json.loads((tmp_path / MATCHER_CONFIG).read_text())["note"] == "kept"
+    loaded = load_matcher(tmp_path)
+    x, caps = torch.randn(32), [vocab.encode(c, add_special=False) for c in KINDS["red_square"]]
+    assert torch.allclose(loaded.similarity(x, caps), m.similarity(x, caps), atol=2e-2)  # fp16 on disk
+    assert load_matcher(tmp_path / "nowhere") is None
+
+    (tmp_path / MATCHER_WEIGHTS).write_bytes((tmp_path / MATCHER_WEIGHTS).read_bytes()[:100])
+    with pytest.raises(ValueError, match="matcher.safetensors"):
+        load_matcher(tmp_path)
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+    (tmp_path / MATCHER_WEIGHTS).write_bytes(pickle.dumps({"x": Boom()}))
+    with pytest.raises(ValueError, match="matcher.safetensors"):
+        load_matcher(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+    (tmp_path / MATCHER_CONFIG).write_text("{not json")
+    with pytest.raises(ValueError, match="matcher.json"):
+        load_matcher(tmp_path)
+
+
+def test_rerank_reorders_the_beams_by_the_matcher(tmp_path, vocab, encoder, images):
+    """With re-ranking, each caption's score is its beam score plus weight x cosine, the list is
+    sorted by that, and a large weight puts the matcher's favourite first; weight 0 is plain beam
+    search. The bundle's recorded weight is the default; without a matcher it is refused."""
+    folder = save_bundle(tmp_path / "m", small_decoder(vocab_size=len(vocab)), vocab, "efficientnet-lite0", half=False)
+    cap = Captioner.from_pretrained(folder, encoder=encoder)
+    assert cap.matcher is None and cap.default_rerank == 0.0
+    with pytest.raises(ValueError, match="matcher"):
+        cap.caption(images, beam_size=3, rerank=1.0)
+
+    torch.manual_seed(1)
+    save_matcher(folder, Matcher(MatcherConfig(vocab_size=len(vocab), feature_dim=1280)))
+    cap = Captioner.from_pretrained(folder, encoder=encoder)
+    plain = cap.caption(images, beam_size=3, nbest=3)
+    assert all(c.match is None for r in plain for c in r.captions)
+    big = cap.caption(images, beam_size=3, nbest=3, rerank=1000.0)
+    moved = 0
+    for p, r in zip(plain, big):
+        assert sorted(c.text for c in p.captions) == sorted(c.text for c in r.captions)
+        by_text = {c.text: c for c in p.captions}
+        for c in r.captions:
+            assert c.score == pytest.approx(by_text[c.text].score + 1000.0 * c.match, rel=1e-5)
+        assert r.captions[0].match == max(c.match for c in r.captions)
+        assert [c.score for c in r.captions] == sorted((c.score for c in r.captions), reverse=True)
+        moved += r.text != p.text
+    assert moved > 0  # a random matcher disagrees with the decoder on some photo
+    # nbest=1 keeps the re-ranked best, not the beam's.
+    assert [r.text for r in cap.caption(images, beam_size=3, rerank=1000.0)] == [r.text for r in big]
+
+    set_decoding(folder, 3, 0.0, rerank=1000.0)
+    assert read_config(folder)["decoding"] == {"beam_size": 3, "length_penalty": 0.0, "rerank": 1000.0}
+    cap = Captioner.from_pretrained(folder, encoder=encoder)
+    assert cap.default_rerank == 1000.0
+    assert [r.text for r in cap.caption(images, beam_size=3)] == [r.text for r in big]
+    assert [r.text for r in cap.caption(images, beam_size=3, rerank=0)] == [r.text for r in plain]
+    assert Captioner.from_pretrained([folder, folder], encoder=encoder).default_rerank == 0.0
+
+
+def test_train_matcher_and_ship_with_rerank(synth, features_dir, tmp_path):
+    """`train-matcher` writes a matcher into a run's best bundle; `ship --rerank W` keeps it,
+    records W as the bundle's decoding default, scores the test split with it, and the model card
+    gives the commands, train-matcher included."""
+    from captioning.cli import main
+    from captioning.train import TrainConfig, train
+    from test_scst import SMALL
+
+    run = train(str(synth.root), tmp_path / "xe", TrainConfig(decoder="show_attend_tell", epochs=2, lr=1e-2, **SMALL),
+                features=features_dir, progress=False)
+    assert main(["train-matcher", "--model", str(run / "best"), "--data", str(synth.root),
+                 "--features", str(features_dir), "--epochs", "3"]) == 0
+    info = json.loads((run / "best" / MATCHER_CONFIG).read_text())
+    assert info["epochs"] == 3 and len(info["log"]) == 3 and set(info["dev_recall"]) == {"R@1", "R@5", "R@10"}
+    assert main(["ship", str(run), "--name", "sat", "--dest", str(tmp_path / "models"), "--data", str(synth.root),
+                 "--features", str(features_dir), "--rerank", "2.0"]) == 0
+    dest = tmp_path / "models" / "sat"
+    assert (dest / MATCHER_WEIGHTS).is_file()
+    assert read_config(dest)["decoding"]["rerank"] == 2.0
+    assert json.loads((dest / "metrics.json").read_text())["rerank"] == 2.0
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "train-matcher --model runs/xe/best --epochs 3" in card and "--rerank 2.0" in card
+    assert "Re-ranking" in card
+
+
+def test_cli_caption_rerank(tmp_path, vocab, encoder, images, capsys):
+    """`caption --rerank W` re-ranks with the model's matcher; without one it is a one-line error."""
+    from captioning.cli import main
+
+    folder = save_bundle(tmp_path / "m", small_decoder(vocab_size=len(vocab)), vocab, "efficientnet-lite0", half=False)
+    assert main(["caption", str(images[0]), "--model", str(folder), "--rerank", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "matcher" in err
+    torch.manual_seed(1)
+    save_matcher(folder, Matcher(MatcherConfig(vocab_size=len(vocab), feature_dim=1280)))
+    assert main(["caption", *map(str, images), "--model", str(folder), "--rerank", "1000", "--json"]) == 0
+    got = [r["captions"][0]["text"] for r in json.loads(capsys.readouterr().out)["results"]]
+    want = Captioner.from_pretrained(folder, encoder=encoder).caption(images, beam_size=3, rerank=1000.0)
+    assert got == [r.text for r in want]
