@@ -142,8 +142,10 @@ def _recipe(training: dict, out: str, inputs: set[tuple[int, bool]]) -> list[str
                 try:
                     member_training = read_config(m)["training"]
                 except (BundleError, KeyError):
-                    raise ValueError(f"{m}: teacher model's config.json is gone or has no training record; "
-                                     "the model card cannot say how to remake it") from None
+                    member_training = (teacher.get("members_training") or {}).get(m)
+                    if not member_training:
+                        raise ValueError(f"{m}: teacher model's config.json is gone or has no training record; "
+                                         "the model card cannot say how to remake it") from None
                 lines += _recipe(member_training, _run_name(m), inputs)
         captions = Path(cfg["extra_captions"])
         folder = f"runs/{captions.parent.name}"

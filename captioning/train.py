@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .bundle import VOCAB, load_bundle, read_config, save_bundle
+from .bundle import VOCAB, BundleError, load_bundle, read_config, save_bundle
 from .data import CaptionDataset, load_dataset
 from .decoders import Decoder, build_decoder
 from .decoding import SpecialIds, sample_decode
@@ -154,7 +154,19 @@ def teacher_info(path: str | Path) -> Optional[dict]:
     if meta == path or not meta.is_file():
         return None
     d = json.loads(meta.read_text())
-    return {k: d[k] for k in ("model", "split", "n_images", "beam_size", "length_penalty", "metrics") if k in d}
+    info = {k: d[k] for k in ("model", "split", "n_images", "beam_size", "length_penalty", "metrics") if k in d}
+    # Each member's own training record, so the student's model card can still say how to remake
+    # the teacher after the members' run folders are gone.
+    members = info.get("model") or []
+    records = {}
+    for m in [members] if isinstance(members, str) else members:
+        try:
+            records[m] = read_config(m).get("training") or {}
+        except BundleError:
+            pass
+    if records:
+        info["members_training"] = records
+    return info
 
 
 MIRRORED_WORDS = (("left", "right"),)

@@ -3,6 +3,7 @@ captions the train split, and ``train --extra-captions`` learns from those capti
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -166,3 +167,21 @@ def test_ship_a_distilled_run(synth, features_dir, two_views, tmp_path):
         "python -m captioning train --init runs/sat224/best --extra-captions runs/teacher2/captions_train.json "
         "--out runs/student2 --epochs 1 --lr 0.001 --batch-size 8 --lr-patience 1 --patience 4",
         "python -m captioning ship runs/student2 --name sat2 --beam 3 --length-penalty 0.0"]
+
+
+def test_card_outlives_the_teachers_run_folder(synth, features_dir, two_views, tmp_path):
+    """The student records each teacher member's training, so `ship` can still write the member's
+    command after that member's run folder is deleted."""
+    args = ["--data", str(synth.root), "--features", str(features_dir)]
+    member = tmp_path / "st288" / "best"
+    shutil.copytree(two_views[1], member)
+    assert main(["evaluate", "--model", str(two_views[0]), str(member), "--split", "train", "--beam", "2",
+                 "--out", str(tmp_path / "teacher"), *args]) == 0
+    assert main(["train", "--init", str(two_views[0]), "--extra-captions", str(tmp_path / "teacher" / "captions_train.json"),
+                 "--out", str(tmp_path / "student"), "--epochs", "1", "--lr", "1e-3", "--batch-size", "8",
+                 "--checkpoint-every", "0", *args]) == 0
+    shutil.rmtree(tmp_path / "st288")
+    assert main(["ship", str(tmp_path / "student"), "--name", "sat", "--dest", str(tmp_path / "models"), *args]) == 0
+    card = (tmp_path / "models" / "sat" / "MODEL_CARD.md").read_text()
+    assert ("python -m captioning train --decoder show_tell --out runs/st288 --epochs 3 --lr-patience 100 "
+            "--patience 100 --image-size 288 --feature-dropout 0.1") in card
