@@ -297,8 +297,9 @@ class CaptionOut:
 
 
 def caption(captioner, image: Image.Image, beam_size: int = 3, length_penalty: float = 0.0, nbest: int = 1,
-            method: str = "beam", lattice: bool = True) -> CaptionOut:
-    """Caption one RGB image. nbest is clipped to beam_size."""
+            method: str = "beam", lattice: bool = True, rerank: Optional[float] = None) -> CaptionOut:
+    """Caption one RGB image. nbest is clipped to beam_size. rerank: the matcher weight (None: the
+    model's default; 0: plain beam search)."""
     import time
 
     beam_size = max(1, int(beam_size))
@@ -306,7 +307,7 @@ def caption(captioner, image: Image.Image, beam_size: int = 3, length_penalty: f
     t0 = time.perf_counter()
     with COMPUTE_LOCK:
         res = captioner.caption([image], beam_size=beam_size, nbest=nbest, length_penalty=float(length_penalty),
-                                method=method, return_lattice=lattice and method == "beam")[0]
+                                method=method, return_lattice=lattice and method == "beam", rerank=rerank)[0]
     caps = [{"text": c.text, "words": list(c.words), "tokens": [int(t) for t in c.tokens],
              "logprob": float(c.logprob), "score": float(c.score), "finished": bool(c.finished)}
             for c in res.captions]

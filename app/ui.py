@@ -43,8 +43,9 @@ def decoded(digest: str, _data: bytes):
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def caption(model_key: str, digest: str, beam: int, lp: float, nbest: int, _model, _image) -> sv.CaptionOut:
-    return sv.caption(_model, _image, beam, lp, nbest)
+def caption(model_key: str, digest: str, beam: int, lp: float, nbest: int, _model, _image,
+            rerank: float = 0.0) -> sv.CaptionOut:
+    return sv.caption(_model, _image, beam, lp, nbest, rerank=rerank)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
@@ -132,6 +133,7 @@ class Current:
     beam: int = 3
     length_penalty: float = 0.0
     nbest: int = 3
+    rerank: float = 0.0  # matcher weight for re-ranking the beams (0: plain beam search)
 
     def get_captioner(self):
         """The selected model's Captioner, or None after showing why it cannot be loaded."""
@@ -196,8 +198,14 @@ def sidebar() -> Current:
                        help="Beams are ranked by log-probability / length^penalty (0: plain log-probability); "
                             "the default is the model's, chosen on the dev split")
         nbest = st.slider("N-best", 1, 10, 3, key="nbest", help="How many captions to list (at most the beam size)")
+        rerank = 0.0
+        if model and model.rerank:
+            on = st.toggle("Re-rank with the matcher", True, key="rerank",
+                           help=f"Re-rank the finished beams by score + {model.rerank:g} × how well a photo-caption "
+                                "matcher says each caption fits the photo (chosen on the dev split); off: plain beam search")
+            rerank = model.rerank if on else 0.0
     cur = Current(model, models, data, None, label, fname, beam=int(beam), length_penalty=float(lp),
-                  nbest=int(min(nbest, beam)))
+                  nbest=int(min(nbest, beam)), rerank=rerank)
     if data is not None and err is None:
         cur.digest = sv.digest(data)
         try:
@@ -239,7 +247,7 @@ def current_caption(cur: Current, model=None):
     if model is None or cur.image is None:
         return None, None
     try:
-        out = caption(cur.model.key, cur.digest, cur.beam, cur.length_penalty, cur.nbest, model, cur.full)
+        out = caption(cur.model.key, cur.digest, cur.beam, cur.length_penalty, cur.nbest, model, cur.full, cur.rerank)
     except ImageError as e:
         st.error(str(e))
         return None, None

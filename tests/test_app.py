@@ -554,3 +554,30 @@ def test_length_penalty_defaults_to_the_models(models, tmp_path):
     no_exceptions(at)
     assert at.slider(key="length_penalty").value == pytest.approx(0.7)
     assert "length penalty 0.7" in " ".join(c.value for c in at.caption)
+
+
+def test_rerank_toggle(models, tmp_path):
+    """A model with a matcher re-ranks its beams by default: the n-best scores include weight x
+    cosine (with weight 1000 they leave the log-probability range) and the caption line says so;
+    the sidebar toggle turns it off, back to plain beam-search scores."""
+    import shutil
+
+    from captioning.matcher import Matcher, MatcherConfig, save_matcher
+    from captioning.modelcard import set_decoding
+
+    root = tmp_path / "models"
+    shutil.copytree(models, root)
+    torch.manual_seed(0)
+    save_matcher(root / "show_attend_tell", Matcher(MatcherConfig(vocab_size=len(Vocab(WORDS)), feature_dim=1280)))
+    set_decoding(root / "show_attend_tell", 3, 0.0, rerank=1000.0)
+    at = app(models_dir=root)
+    no_exceptions(at)
+    assert at.toggle(key="rerank").value is True
+    assert "re-ranked by the photo-caption matcher (weight 1000)" in " ".join(c.value for c in at.caption)
+    table = at.dataframe[-1].value
+    assert (table["score"] - table["log-prob"]).abs().max() > 1.0  # 1000 x cosine added
+    at.toggle(key="rerank").set_value(False).run()
+    no_exceptions(at)
+    assert "re-ranked" not in " ".join(c.value for c in at.caption)
+    table = at.dataframe[-1].value
+    assert (table["score"] <= 0).all()  # plain length-normalised log-probabilities

@@ -66,7 +66,9 @@ with tab_compare:
                 cap = ui.load_model(x)
                 if cap is None:
                     continue
-                out = ui.caption(x.key, cur.digest, cur.beam, cur.length_penalty, 1, cap, cur.full)
+                # Each model re-ranks as its bundle says, unless the sidebar turned re-ranking off.
+                rerank = x.rerank if cur.rerank or not (cur.model and cur.model.rerank) else 0.0
+                out = ui.caption(x.key, cur.digest, cur.beam, cur.length_penalty, 1, cap, cur.full, rerank)
                 st.markdown(f'<p class="compare-caption" style="font-size:1.3rem;font-weight:600">'
                             f"{html.escape(out.text)}</p>", unsafe_allow_html=True)
                 st.caption(f"log-probability {out.best['logprob']:.2f} · {out.seconds * 1000:.0f} ms")
