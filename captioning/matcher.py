@@ -190,18 +190,19 @@ def fit_matcher(model: str | Path, data: str | Path | None = None, features: str
     Returns:
         what matcher.json records besides the config: data, epochs run, best epoch, its dev recall.
     """
-    from .bundle import read_config
+    from .bundle import VOCAB, read_config
     from .data import load_dataset
     from .features import FeatureCache, find_cache
     from .images import Preprocessing
+    from .train import DEFAULT_FEATURES
     from .vocab import Vocab
 
     model = Path(model)
     cfg = read_config(model)
-    vocab = Vocab.load(model / "vocab.json")
+    vocab = Vocab.load(model / VOCAB)
     ds = load_dataset(data)
     prep = Preprocessing.from_dict(cfg["preprocessing"])
-    cache = FeatureCache.open(find_cache(features or Path(".cache/features"), cfg["encoder"]["name"], prep,
+    cache = FeatureCache.open(find_cache(features or DEFAULT_FEATURES, cfg["encoder"]["name"], prep,
                                          sorted(ds.captions)))
     index = cache.index()
 
