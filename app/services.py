@@ -71,6 +71,7 @@ class ModelInfo:
     stamp: float = 0.0  # weights' modification time: a retrained bundle gets a new cache key
     length_penalty: float = 0.0  # the bundle's recommended decoding (config.json "decoding")
     rerank: float = 0.0  # its matcher weight for re-ranking the beams (0: none)
+    rerank_pool: int = 0  # how many finished captions re-ranking considers (0: the beam size)
 
     @property
     def key(self) -> str:
@@ -106,7 +107,7 @@ def list_models(root: Optional[Path] = None) -> list[ModelInfo]:
             dec = cfg.get("decoding") or {}
             lp, rerank = float(dec.get("length_penalty", 0.0)), float(dec.get("rerank", 0.0))
             out.append(ModelInfo(d.name, str(d), kind, str(cfg["encoder"].get("name", "")),
-                                 kind == "show_attend_tell", err, stamp, lp, rerank))
+                                 kind == "show_attend_tell", err, stamp, lp, rerank, int(dec.get("rerank_pool", 0))))
         except (BundleError, KeyError, TypeError, AttributeError, OSError) as e:
             out.append(ModelInfo(d.name, str(d), error=str(e).splitlines()[0]))
     rank = {n: i for i, n in enumerate(MODEL_ORDER)}

@@ -201,7 +201,8 @@ def sidebar() -> Current:
         rerank = 0.0
         if model and model.rerank:
             on = st.toggle("Re-rank with the matcher", True, key="rerank",
-                           help=f"Re-rank the finished beams by score + {model.rerank:g} × how well a photo-caption "
+                           help=f"Re-rank the best {max(model.rerank_pool, int(beam))} finished captions by score + "
+                                f"{model.rerank:g} × how well a photo-caption "
                                 "matcher says each caption fits the photo (chosen on the dev split); off: plain beam search")
             rerank = model.rerank if on else 0.0
     cur = Current(model, models, data, None, label, fname, beam=int(beam), length_penalty=float(lp),

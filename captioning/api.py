@@ -98,6 +98,12 @@ class Captioner:
             return 0.0
         return float((self.config.get("decoding") or {}).get("rerank", 0.0))
 
+    @property
+    def default_rerank_pool(self) -> int:
+        """How many of beam search's finished captions re-ranking considers, as the bundle
+        recommends (chosen on the dev split); 0 when it names none, which means ``beam_size``."""
+        return int((self.config.get("decoding") or {}).get("rerank_pool", 0))
+
     @classmethod
     def from_pretrained(cls, path: Union[str, Path, Sequence[Union[str, Path]], None] = None,
                         encoder: Optional[Encoder] = None) -> "Captioner":
@@ -142,7 +148,7 @@ class Captioner:
                 max_len: int = 20, min_len: int = 1, length_penalty: Optional[float] = None, no_repeat_ngram: int = 0,
                 method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
                 return_lattice: bool = False, batch_size: int = 64, seed: Optional[int] = None,
-                rerank: Optional[float] = None) -> list[CaptionResult]:
+                rerank: Optional[float] = None, rerank_pool: Optional[int] = None) -> list[CaptionResult]:
         """Caption images (paths, bytes or PIL images; one or a list).
 
         Args:
@@ -151,9 +157,13 @@ class Captioner:
                 length_penalty None is the bundle's ``default_length_penalty``.
             allow_unk: let the model say <unk> (off: it is masked out).
             return_lattice: keep what beam search considered at each step.
-            rerank: beam search only: re-rank all ``beam_size`` finished beams by score + rerank *
-                the matcher's cosine with the photo (matcher.py); None is the bundle's
+            rerank: beam search only: re-rank the finished captions by score + rerank * the
+                matcher's cosine with the photo (matcher.py); None is the bundle's
                 ``default_rerank``, 0 turns it off.
+            rerank_pool: how many finished captions the search keeps for re-ranking (at least
+                ``beam_size``): the best by score of all that ended while the ``beam_size`` live
+                beams were searched (the live beams are the same whatever the pool). None is the
+                bundle's ``default_rerank_pool``.
         Returns:
             One CaptionResult per image, in order. Raises ImageError for an unreadable image.
         """
@@ -169,7 +179,7 @@ class Captioner:
                                          min_len=min_len, length_penalty=length_penalty,
                                          no_repeat_ngram=no_repeat_ngram, method=method, temperature=temperature,
                                          top_k=top_k, allow_unk=allow_unk, return_lattice=return_lattice,
-                                         generator=gen, rerank=rerank)
+                                         generator=gen, rerank=rerank, rerank_pool=rerank_pool)
         return out
 
     @torch.no_grad()
@@ -177,7 +187,7 @@ class Captioner:
                          max_len: int = 20, min_len: int = 1, length_penalty: Optional[float] = None,
                          no_repeat_ngram: int = 0, method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
                          return_lattice: bool = False, generator: Optional[torch.Generator] = None,
-                         rerank: Optional[float] = None) -> list[CaptionResult]:
+                         rerank: Optional[float] = None, rerank_pool: Optional[int] = None) -> list[CaptionResult]:
         """Like ``caption`` but from encoder output: grid (B, P, C), pooled (B, C)."""
         if length_penalty is None:
             length_penalty = self.default_length_penalty
@@ -185,16 +195,24 @@ class Captioner:
             rerank = self.default_rerank
         if rerank and self.matcher is None:
             raise ValueError("re-ranking needs a matcher in the model folder (python -m captioning train-matcher)")
+        if rerank_pool is None:
+            rerank_pool = self.default_rerank_pool
+        if rerank_pool < 0:
+            raise ValueError(f"rerank_pool must be >= 0, got {rerank_pool}")
+        pool = max(nbest, beam_size, rerank_pool) if rerank else nbest
         common = dict(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk, ids=self.ids)
         if method == "beam":
             lat = Lattice() if return_lattice else None
             hyps = beam_search(self.decoder, grid, pooled, beam_size=beam_size,
-                               nbest=beam_size if rerank else nbest, length_penalty=length_penalty, lattice=lat,
+                               nbest=pool, length_penalty=length_penalty, lattice=lat,
                                **common)
             out = []
             for b, hs in enumerate(hyps):
                 caps = [self._words(h) for h in hs]
                 if rerank:
+                    # A caption cut off at max_len competes only when too few captions ended.
+                    done = [c for c in caps if c.finished]
+                    caps = done if len(done) >= nbest else done + [c for c in caps if not c.finished][:nbest - len(done)]
                     sims = self.matcher.similarity(pooled[b], [c.tokens for c in caps])  # (K,)
                     for c, m in zip(caps, sims.tolist()):
                         c.match, c.score = m, c.score + rerank * m

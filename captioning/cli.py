@@ -41,7 +41,8 @@ def cmd_caption(a: argparse.Namespace) -> int:
         try:
             src = load_sample(item[1]) if isinstance(item, tuple) else item
             r = cap.caption(src, beam_size=a.beam, nbest=a.nbest, length_penalty=a.length_penalty,
-                            method="greedy" if a.beam == 1 else "beam", rerank=a.rerank)[0]
+                            method="greedy" if a.beam == 1 else "beam", rerank=a.rerank,
+                            rerank_pool=a.rerank_pool)[0]
         except ImageError as e:
             _err(str(e))
             failed += 1
@@ -86,7 +87,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     res = evaluate(a.model[0] if a.model and len(a.model) == 1 else a.model, a.data, split=a.split, beam_size=a.beam, limit=a.limit, features=a.features,
-                   length_penalty=a.length_penalty, rerank=a.rerank, out=a.out)
+                   length_penalty=a.length_penalty, rerank=a.rerank, rerank_pool=a.rerank_pool, out=a.out)
     if a.json:
         print(json.dumps(res, indent=2))
     else:
@@ -144,10 +145,10 @@ def cmd_ship(a: argparse.Namespace) -> int:
     from .modelcard import reproduce_command, set_decoding, ship, write_card
 
     dest = ship(a.run, a.name, a.dest) if a.dest else ship(a.run, a.name)
-    set_decoding(dest, a.beam, a.length_penalty, a.rerank)
+    set_decoding(dest, a.beam, a.length_penalty, a.rerank, a.rerank_pool)
     res = evaluate(dest, a.data, split="test", beam_size=a.beam, features=a.features,
-                   length_penalty=a.length_penalty, rerank=a.rerank)
-    cmd = reproduce_command(dest, a.run, a.name, a.beam, a.length_penalty, a.rerank)
+                   length_penalty=a.length_penalty, rerank=a.rerank, rerank_pool=a.rerank_pool)
+    cmd = reproduce_command(dest, a.run, a.name, a.beam, a.length_penalty, a.rerank, a.rerank_pool)
     write_card(dest, cmd, a.notes or "")
     print(json.dumps(res["metrics"]))
     return 0
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--length-penalty", type=float, default=None, help="default: the model's (config.json decoding)")
     c.add_argument("--rerank", type=float, default=None,
                    help="matcher weight for re-ranking the beams (default: the model's; 0: off)")
+    c.add_argument("--rerank-pool", type=int, default=None,
+                   help="how many finished captions re-ranking considers (default: the model's; 0: the beam size)")
     c.add_argument("--json", action="store_true", help="print one JSON document")
     c.set_defaults(fn=cmd_caption)
 
@@ -203,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--length-penalty", type=float, default=None, help="default: the model's (config.json decoding)")
     v.add_argument("--rerank", type=float, default=None,
                    help="matcher weight for re-ranking the beams (default: the model's; 0: off)")
+    v.add_argument("--rerank-pool", type=int, default=None,
+                   help="how many finished captions re-ranking considers (default: the model's; 0: the beam size)")
     v.add_argument("--limit", type=int, default=0)
     v.add_argument("--features", default=str(DEFAULT_FEATURES))
     v.add_argument("--out", default=None, help="where metrics.json and captions go (default: the model folder)")
@@ -227,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chosen on the dev split; recorded as the model's default (config.json decoding)")
     s.add_argument("--rerank", type=float, default=0.0,
                    help="matcher weight for re-ranking the beams, chosen on the dev split (needs train-matcher)")
+    s.add_argument("--rerank-pool", type=int, default=0,
+                   help="how many finished captions re-ranking considers, chosen on the dev split (0: the beam size)")
     s.add_argument("--features", default=str(DEFAULT_FEATURES))
     s.add_argument("--notes", default=None)
     s.set_defaults(fn=cmd_ship)

@@ -23,7 +23,7 @@ from .metrics import score_captions
 def evaluate(model: str | Path | list | None = None, data: str | Path | None = None, split: str = "test",
              beam_size: int = 3, limit: int = 0, features: str | Path | None = None,
              length_penalty: Optional[float] = None, rerank: Optional[float] = None,
-             out: str | Path | None = None, batch_size: int = 64, use_java: Optional[bool] = None,
+             rerank_pool: Optional[int] = None, out: str | Path | None = None, batch_size: int = 64, use_java: Optional[bool] = None,
              progress: bool = True) -> dict:
     """Caption every image of ``split`` with beam search and score against the references.
 
@@ -33,7 +33,8 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
     (default: the model folder). A list of model folders is evaluated as one ensemble; its
     members may read different encoders or preprocessings (each gets its own features).
     ``split="train"`` with an ensemble makes teacher captions for ``train --extra-captions``.
-    ``rerank`` (None: the bundle's) re-ranks the beams with the bundle's matcher (matcher.py).
+    ``rerank`` (None: the bundle's) re-ranks the finished captions with the bundle's matcher
+    (matcher.py); ``rerank_pool`` (None: the bundle's, 0: ``beam_size``) is how many it considers.
 
     Returns:
         {"metrics": {...}, "notes": [...], "tokenizer": ..., "split", "n_images", "beam_size", "seconds"}
@@ -50,6 +51,8 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
         length_penalty = cap.default_length_penalty
     if rerank is None:
         rerank = cap.default_rerank
+    if rerank_pool is None:
+        rerank_pool = cap.default_rerank_pool
     ds = load_dataset(data)
     images = ds.split(split)
     if limit:
@@ -68,11 +71,12 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
         else:  # members that read different inputs get one grid each (Ensemble.start)
             grid, pooled = [feats[k][0] for k in keys], [feats[k][1] for k in keys]
         for n, r in zip(names, cap.caption_features(grid, pooled, beam_size=beam_size, length_penalty=length_penalty,
-                                                                rerank=rerank)):
+                                                                rerank=rerank, rerank_pool=rerank_pool)):
             preds[n] = r.text
     s = score_captions(preds, {n: ds.captions[n] for n in images}, use_java=use_java, per_image=True)
     res = {"model": [str(m) for m in models] if len(models) > 1 else str(model), "split": split, "n_images": len(images), "beam_size": beam_size,
-           "length_penalty": length_penalty, **({"rerank": rerank} if rerank else {}), "metrics": {k: round(v, 4) for k, v in s.metrics.items()},
+           "length_penalty": length_penalty, **({"rerank": rerank} if rerank else {}),
+           **({"rerank_pool": rerank_pool} if rerank and rerank_pool else {}), "metrics": {k: round(v, 4) for k, v in s.metrics.items()},
            "tokenizer": s.tokenizer, "notes": s.notes, "features_from_cache": all(v.cache is not None for v in views.values()),
            "seconds": round(time.time() - t0, 1)}
     outdir = Path(out) if out else model

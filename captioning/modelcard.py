@@ -59,13 +59,15 @@ def ship(run: str | Path, name: str, dest_root: str | Path = MODELS_DIR) -> Path
     return dest
 
 
-def set_decoding(model: str | Path, beam_size: int, length_penalty: float, rerank: float = 0.0) -> None:
+def set_decoding(model: str | Path, beam_size: int, length_penalty: float, rerank: float = 0.0,
+                 rerank_pool: int = 0) -> None:
     """Record the decoding settings chosen on the dev split in the bundle's config.json: the
     Captioner, the CLI and the app use them unless told otherwise."""
     p = Path(model) / "config.json"
     cfg = json.loads(p.read_text())
     cfg["decoding"] = {"beam_size": int(beam_size), "length_penalty": float(length_penalty),
-                       **({"rerank": float(rerank)} if rerank else {})}
+                       **({"rerank": float(rerank)} if rerank else {}),
+                       **({"rerank_pool": int(rerank_pool)} if rerank and rerank_pool else {})}
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(cfg, indent=2))
     tmp.replace(p)
@@ -95,7 +97,7 @@ def _teacher(training: dict) -> tuple[dict, list[str]]:
 
 
 def reproduce_command(model: str | Path, run: str | Path, name: str, beam_size: int, length_penalty: float,
-                      rerank: float = 0.0) -> str:
+                      rerank: float = 0.0, rerank_pool: int = 0) -> str:
     """The commands that remake a shipped bundle from scratch, read from the training records in
     its config.json and in its teachers' bundles: the feature caches, then every run in the order
     it needs the others (cross-entropy runs, teacher captions, distillation or SCST fine-tuning),
@@ -114,7 +116,8 @@ def reproduce_command(model: str | Path, run: str | Path, name: str, beam_size: 
         epochs = json.loads(matcher.read_text()).get("epochs", 30)
         lines.append(f"python -m captioning train-matcher --model {out}/best --epochs {epochs}")
     lines.append(f"python -m captioning ship {out} --name {name} --beam {beam_size} --length-penalty {length_penalty}"
-                 + (f" --rerank {rerank}" if rerank else ""))
+                 + (f" --rerank {rerank}" if rerank else "")
+                 + (f" --rerank-pool {rerank_pool}" if rerank and rerank_pool else ""))
     return "\n".join(lines)
 
 
@@ -238,10 +241,12 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
     if mp.is_file():
         mi = json.loads(mp.read_text())
         r = mi.get("dev_recall") or {}
-        w = (cfg.get("decoding") or {}).get("rerank", 0.0)
+        dec = cfg.get("decoding") or {}
+        w, pool = dec.get("rerank", 0.0), dec.get("rerank_pool") or dec.get("beam_size", "?")
         lines.append(
-            f"- **Re-ranking**: " + (f"the {cfg['decoding'].get('beam_size', '?')} finished beams are re-ranked by their "
-                                     f"score + {w} × the cosine between photo and caption of " if w else "ships ")
+            f"- **Re-ranking**: " + (f"the {pool} best finished captions of beam {dec.get('beam_size', '?')} search are "
+                                     f"re-ranked by their score + {w} × the cosine between photo and caption of "
+                                     if w else "ships ")
             + f"an image-caption matcher (`matcher.safetensors`: pooled features and a bidirectional GRU over the "
             f"words in one {mi.get('config', {}).get('joint_dim')}-d space, symmetric InfoNCE; Fang et al. 2015 "
             f"re-ranked COCO captions this way), trained on the train references for {mi.get('epochs')} epochs, kept at "

@@ -558,7 +558,8 @@ def test_length_penalty_defaults_to_the_models(models, tmp_path):
 
 def test_rerank_toggle(models, tmp_path):
     """A model with a matcher re-ranks its beams by default: the n-best scores include weight x
-    cosine (with weight 1000 they leave the log-probability range) and the caption line says so;
+    cosine (with weight 1000 they leave the log-probability range) and the caption line says so,
+    with the bundle's re-ranking pool;
     the sidebar toggle turns it off, back to plain beam-search scores."""
     import shutil
 
@@ -569,11 +570,12 @@ def test_rerank_toggle(models, tmp_path):
     shutil.copytree(models, root)
     torch.manual_seed(0)
     save_matcher(root / "show_attend_tell", Matcher(MatcherConfig(vocab_size=len(Vocab(WORDS)), feature_dim=1280)))
-    set_decoding(root / "show_attend_tell", 3, 0.0, rerank=1000.0)
+    set_decoding(root / "show_attend_tell", 3, 0.0, rerank=1000.0, rerank_pool=5)
     at = app(models_dir=root)
     no_exceptions(at)
     assert at.toggle(key="rerank").value is True
-    assert "re-ranked by the photo-caption matcher (weight 1000)" in " ".join(c.value for c in at.caption)
+    assert "its 5 best finished captions re-ranked by the photo-caption matcher (weight 1000)" in \
+        " ".join(c.value for c in at.caption)
     table = at.dataframe[-1].value
     assert (table["score"] - table["log-prob"]).abs().max() > 1.0  # 1000 x cosine added
     at.toggle(key="rerank").set_value(False).run()

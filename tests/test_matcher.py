@@ -123,6 +123,48 @@ def test_rerank_reorders_the_beams_by_the_matcher(tmp_path, vocab, encoder, imag
     assert Captioner.from_pretrained([folder, folder], encoder=encoder).default_rerank == 0.0
 
 
+def test_rerank_pool_widens_the_candidates_not_the_beam(tmp_path, vocab, encoder, images):
+    """rerank_pool=P re-ranks the P best captions that finished during the same beam-3 search
+    (what beam_search returns with nbest=P), never one cut off at max_len while enough others
+    ended; the pool is at least the beam size; the bundle's recorded pool is the default."""
+    from captioning.decoding import beam_search
+
+    folder = save_bundle(tmp_path / "m", small_decoder(vocab_size=len(vocab)), vocab, "efficientnet-lite0", half=False)
+    torch.manual_seed(1)
+    save_matcher(folder, Matcher(MatcherConfig(vocab_size=len(vocab), feature_dim=1280)))
+    cap = Captioner.from_pretrained(folder, encoder=encoder)
+    grid, pooled = cap.encode(cap.pixels(images))
+    P, max_len = 8, 6  # short captions: some hypotheses are cut off, so the filter is exercised
+    ref = beam_search(cap.decoder, grid, pooled, beam_size=3, nbest=P, max_len=max_len, ids=cap.ids)
+    got = cap.caption_features(grid, pooled, beam_size=3, nbest=3, max_len=max_len, rerank=1000.0, rerank_pool=P)
+    wider = 0
+    for b, (hs, r) in enumerate(zip(ref, got)):
+        done = [h for h in hs if h.finished]
+        assert len(done) >= 3
+        sims = cap.matcher.similarity(pooled[b], [h.tokens for h in done])
+        assert r.tokens == done[int(sims.argmax())].tokens  # the matcher's favourite of all P
+        assert all(c.finished for c in r.captions)
+        top3 = cap.caption_features(grid[b:b + 1], pooled[b:b + 1], beam_size=3, max_len=max_len, rerank=1000.0)[0]
+        assert top3.tokens == done[int(sims[:3].argmax())].tokens  # pool 0: the beam size
+        wider += r.tokens != top3.tokens
+    assert wider > 0  # the wider pool changed some photo's caption
+    # A pool below the beam size is the beam size; a negative one is refused.
+    assert [r.tokens for r in cap.caption_features(grid, pooled, beam_size=3, max_len=max_len, rerank=1000.0,
+                                                   rerank_pool=2)] == \
+        [r.tokens for r in cap.caption_features(grid, pooled, beam_size=3, max_len=max_len, rerank=1000.0)]
+    with pytest.raises(ValueError, match="rerank_pool"):
+        cap.caption_features(grid, pooled, rerank=1.0, rerank_pool=-1)
+
+    set_decoding(folder, 3, 0.0, rerank=1000.0, rerank_pool=P)
+    assert read_config(folder)["decoding"] == {"beam_size": 3, "length_penalty": 0.0, "rerank": 1000.0,
+                                                "rerank_pool": P}
+    cap = Captioner.from_pretrained(folder, encoder=encoder)
+    assert cap.default_rerank_pool == P
+    assert [r.tokens for r in cap.caption_features(grid, pooled, max_len=max_len)] == [r.tokens for r in got]
+    set_decoding(folder, 3, 0.0, rerank=0.0, rerank_pool=P)  # no re-ranking: no pool recorded
+    assert "rerank_pool" not in read_config(folder)["decoding"]
+
+
 def test_train_matcher_and_ship_with_rerank(synth, features_dir, tmp_path):
     """`train-matcher` writes a matcher into a run's best bundle; `ship --rerank W` keeps it,
     records W as the bundle's decoding default, scores the test split with it, and the model card
@@ -138,14 +180,15 @@ def test_train_matcher_and_ship_with_rerank(synth, features_dir, tmp_path):
     info = json.loads((run / "best" / MATCHER_CONFIG).read_text())
     assert info["epochs"] == 3 and len(info["log"]) == 3 and set(info["dev_recall"]) == {"R@1", "R@5", "R@10"}
     assert main(["ship", str(run), "--name", "sat", "--dest", str(tmp_path / "models"), "--data", str(synth.root),
-                 "--features", str(features_dir), "--rerank", "2.0"]) == 0
+                 "--features", str(features_dir), "--rerank", "2.0", "--rerank-pool", "5"]) == 0
     dest = tmp_path / "models" / "sat"
     assert (dest / MATCHER_WEIGHTS).is_file()
-    assert read_config(dest)["decoding"]["rerank"] == 2.0
-    assert json.loads((dest / "metrics.json").read_text())["rerank"] == 2.0
+    assert read_config(dest)["decoding"]["rerank"] == 2.0 and read_config(dest)["decoding"]["rerank_pool"] == 5
+    metrics = json.loads((dest / "metrics.json").read_text())
+    assert metrics["rerank"] == 2.0 and metrics["rerank_pool"] == 5
     card = (dest / "MODEL_CARD.md").read_text()
-    assert "train-matcher --model runs/xe/best --epochs 3" in card and "--rerank 2.0" in card
-    assert "Re-ranking" in card
+    assert "train-matcher --model runs/xe/best --epochs 3" in card and "--rerank 2.0 --rerank-pool 5" in card
+    assert "the 5 best finished captions of beam 3 search are re-ranked" in card
 
 
 def test_cli_caption_rerank(tmp_path, vocab, encoder, images, capsys):
