@@ -192,7 +192,8 @@ def test_train_matcher_and_ship_with_rerank(synth, features_dir, tmp_path):
 
 
 def test_cli_caption_rerank(tmp_path, vocab, encoder, images, capsys):
-    """`caption --rerank W` re-ranks with the model's matcher; without one it is a one-line error."""
+    """`caption --rerank W` re-ranks with the model's matcher; without one, or with a negative
+    --rerank-pool, it is a one-line error."""
     from captioning.cli import main
 
     folder = save_bundle(tmp_path / "m", small_decoder(vocab_size=len(vocab)), vocab, "efficientnet-lite0", half=False)
@@ -205,3 +206,6 @@ def test_cli_caption_rerank(tmp_path, vocab, encoder, images, capsys):
     got = [r["captions"][0]["text"] for r in json.loads(capsys.readouterr().out)["results"]]
     want = Captioner.from_pretrained(folder, encoder=encoder).caption(images, beam_size=3, rerank=1000.0)
     assert got == [r.text for r in want]
+    assert main(["caption", str(images[0]), "--model", str(folder), "--rerank", "1", "--rerank-pool", "-1"]) != 0
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "rerank_pool" in err
