@@ -73,6 +73,11 @@ class ModelInfo:
     rerank: float = 0.0  # its matcher weight for re-ranking the beams (0: none)
     rerank_pool: int = 0  # how many finished captions re-ranking considers (0: the beam size)
 
+    def rerank_candidates(self, beam: int) -> int:
+        """How many finished captions the matcher re-ranks at this beam size (Captioner's rule:
+        the bundle's pool, never fewer than the beam)."""
+        return max(int(beam), self.rerank_pool)
+
     @property
     def key(self) -> str:
         return f"{self.path}@{self.stamp}"

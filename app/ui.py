@@ -201,7 +201,7 @@ def sidebar() -> Current:
         rerank = 0.0
         if model and model.rerank:
             on = st.toggle("Re-rank with the matcher", True, key="rerank",
-                           help=f"Re-rank the best {max(model.rerank_pool, int(beam))} finished captions by score + "
+                           help=f"Re-rank the best {model.rerank_candidates(beam)} finished captions by score + "
                                 f"{model.rerank:g} × how well a photo-caption "
                                 "matcher says each caption fits the photo (chosen on the dev split); off: plain beam search")
             rerank = model.rerank if on else 0.0

@@ -242,7 +242,8 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
         mi = json.loads(mp.read_text())
         r = mi.get("dev_recall") or {}
         dec = cfg.get("decoding") or {}
-        w, pool = dec.get("rerank", 0.0), dec.get("rerank_pool") or dec.get("beam_size", "?")
+        # Captioner's rule: the recorded pool, never fewer than the beam.
+        w, pool = dec.get("rerank", 0.0), max(int(dec.get("rerank_pool", 0)), int(dec.get("beam_size", 0)))
         lines.append(
             f"- **Re-ranking**: " + (f"the {pool} best finished captions of beam {dec.get('beam_size', '?')} search are "
                                      f"re-ranked by their score + {w} × the cosine between photo and caption of "

@@ -24,8 +24,8 @@ with right:
         st.stop()
     st.markdown(f'<p class="best-caption" style="font-size:2.1rem;line-height:1.25;font-weight:600;margin:0.2rem 0 0.6rem">'
                 f"{html.escape(out.text)}</p>", unsafe_allow_html=True)
-    pool = max(cur.model.rerank_pool, cur.beam)
-    rerank = (f", its {pool} best finished captions re-ranked by the photo-caption matcher (weight {cur.rerank:g})"
+    rerank = (f", its {cur.model.rerank_candidates(cur.beam)} best finished captions re-ranked by the "
+              f"photo-caption matcher (weight {cur.rerank:g})"
               if cur.rerank else "")
     st.caption(f"{cur.model.title} · beam {cur.beam}, length penalty {cur.length_penalty:g}{rerank} · "
                f"log-probability {out.best['logprob']:.2f} · {out.seconds * 1000:.0f} ms")
