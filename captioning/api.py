@@ -213,7 +213,7 @@ class Captioner:
                     # A caption cut off at max_len competes only when too few captions ended.
                     done = [c for c in caps if c.finished]
                     caps = done if len(done) >= nbest else done + [c for c in caps if not c.finished][:nbest - len(done)]
-                    sims = self.matcher.similarity(pooled[b], [c.tokens for c in caps])  # (K,)
+                    sims = self.matcher.similarity(pooled[b], [c.tokens for c in caps], grid[b])  # (K,)
                     for c, m in zip(caps, sims.tolist()):
                         c.match, c.score = m, c.score + rerank * m
                     caps.sort(key=lambda c: -c.score)

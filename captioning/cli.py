@@ -101,7 +101,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_matcher(a: argparse.Namespace) -> int:
     from .matcher import fit_matcher
 
-    info = fit_matcher(a.model, a.data, a.features, epochs=a.epochs, seed=a.seed)
+    info = fit_matcher(a.model, a.data, a.features, epochs=a.epochs, seed=a.seed, regions=a.regions,
+                       batch_size=a.batch_size)
     r = info["dev_recall"]
     print(f"matcher written into {a.model} (best epoch {info['best_epoch']}: dev R@1 {r['R@1']:.3f}, "
           f"R@5 {r['R@5']:.3f}, R@10 {r['R@10']:.3f})")
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", default=None)
     m.add_argument("--features", default=str(DEFAULT_FEATURES))
     m.add_argument("--epochs", type=int, default=30)
+    m.add_argument("--batch-size", type=int, default=128)
+    m.add_argument("--regions", action="store_true",
+                   help="also match each word to the photo's grid cells (SCAN text-to-image; needs the grid cache)")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=cmd_matcher)
 

@@ -14,7 +14,15 @@ The matcher reads the pooled encoder features (which captioning computes anyway)
 decoder's vocabulary, so it lives in the decoder's bundle folder as ``matcher.safetensors`` +
 ``matcher.json``.
 
-Dimensions: B images, N captions, T tokens, C encoder channels, E word embedding, D joint space.
+With ``regions`` on, it also matches each word to the photo's grid cells, the text-to-image
+stacked cross attention of SCAN (Lee et al. 2018, "Stacked Cross Attention for Image-Text
+Matching"): each word attends over the cells, and the similarity adds the mean over words of
+cos(word, attended cells) to the sentence-level cosine. Both heads share the word encoder and are
+trained together, each with its own InfoNCE loss. A caption that names something the photo has
+in one corner then scores above a generic one, which the pooled features alone blur.
+
+Dimensions: B images, N captions, T tokens, P grid cells, C encoder channels, E word embedding,
+D joint space.
 """
 from __future__ import annotations
 
@@ -46,19 +54,25 @@ class MatcherConfig:
     joint_dim: int = 512
     dropout: float = 0.2
     max_tokens: int = 24
+    regions: bool = False  # also match each word to the grid cells (SCAN text-to-image)
+    region_sharpness: float = 9.0  # SCAN's lambda_1: inverse temperature of a word's attention over cells
+    region_temperature: float = 0.05  # InfoNCE temperature of the word-region similarity
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class Matcher(nn.Module):
-    """Photo (pooled features) and caption (word ids) into one unit-length space."""
+    """Photo (pooled features) and caption (word ids) into one unit-length space; with
+    ``config.regions``, also each word against the photo's grid cells."""
 
     def __init__(self, config: MatcherConfig):
         super().__init__()
         self.config = config
         D = config.joint_dim
         self.image_proj = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, D))
+        if config.regions:
+            self.region_proj = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, D))
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=0)
         self.gru = nn.GRU(config.embed_dim, D, batch_first=True, bidirectional=True)
         self.text_proj = nn.Linear(2 * D, D)
@@ -70,10 +84,52 @@ class Matcher(nn.Module):
 
     def text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (N, T) word ids, 0-padded, no <start>/<end> -> (N, D), unit length."""
+        return self.encode_text(tokens)[0]
+
+    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (N, T) -> sentence (N, D) and words (N, T, D), both unit length, and the mask (N, T)."""
         mask = (tokens != 0).float()  # (N, T)
         h, _ = self.gru(self.embed(tokens))  # (N, T, 2D)
-        h = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (N, 2D) mean over words
-        return F.normalize(self.text_proj(h), dim=-1)
+        sentence = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (N, 2D) mean over words
+        D = h.size(-1) // 2
+        words = F.normalize((h[..., :D] + h[..., D:]) / 2, dim=-1)  # (N, T, D) the two directions averaged, as SCAN
+        return F.normalize(self.text_proj(sentence), dim=-1), words, mask
+
+    def regions(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid (B, P, C) -> (B, P, D), unit length."""
+        return F.normalize(self.region_proj(grid.float()), dim=-1)
+
+    def region_score(self, regions: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """SCAN text-to-image similarity: regions (B, P, D), words (N, T, D), mask (N, T) -> (B, N),
+        the mean over a caption's words of cos(word, the cells it attends to)."""
+        cos = torch.einsum("ntd,bpd->nbtp", words, regions)  # (N, B, T, P)
+        att = F.softmax(self.config.region_sharpness * F.leaky_relu(cos, 0.1), dim=-1)  # (N, B, T, P)
+        ctx = F.normalize(torch.einsum("nbtp,bpd->nbtd", att, regions), dim=-1)  # (N, B, T, D)
+        per_word = (ctx * words[:, None]).sum(-1)  # (N, B, T)
+        return ((per_word * mask[:, None]).sum(-1) / mask.sum(-1, keepdim=True).clamp(min=1)).T  # (B, N)
+
+    def scores(self, pooled: torch.Tensor, grid: Optional[torch.Tensor], tokens: torch.Tensor,
+               chunk: int = 128) -> torch.Tensor:
+        """Similarity of every photo to every caption: pooled (B, C), grid (B, P, C) or None
+        without regions, tokens (N, T) -> (B, N): the cosine, plus the word-region score with
+        ``regions``. Captions go through in chunks to bound the (N, B, T, P) attention."""
+        img = self.image(pooled.float())  # (B, D)
+        reg = self._grid_regions(grid)
+        out = []
+        for i in range(0, tokens.size(0), chunk):
+            sent, words, mask = self.encode_text(tokens[i:i + chunk])
+            s = img @ sent.T  # (B, n)
+            if reg is not None:
+                s = s + self.region_score(reg, words, mask)
+            out.append(s)
+        return torch.cat(out, 1)
+
+    def _grid_regions(self, grid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if not self.config.regions:
+            return None
+        if grid is None:
+            raise ValueError("this matcher matches words to grid cells (regions): pass the photo's grid features")
+        return self.regions(grid)
 
     def pad(self, captions: Sequence[Sequence[int]]) -> torch.Tensor:
         """Lists of word ids -> (N, T) cut to max_tokens and 0-padded."""
@@ -86,9 +142,11 @@ class Matcher(nn.Module):
         return out
 
     @torch.no_grad()
-    def similarity(self, pooled: torch.Tensor, captions: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Cosine between one photo's pooled features (C,) and each caption -> (N,)."""
-        return self.text(self.pad(captions)) @ self.image(pooled[None].float())[0]
+    def similarity(self, pooled: torch.Tensor, captions: Sequence[Sequence[int]],
+                   grid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """How well each caption fits one photo -> (N,): the cosine with its pooled features (C,),
+        plus, with ``regions``, the word-region score against its grid (P, C)."""
+        return self.scores(pooled[None], None if grid is None else grid[None], self.pad(captions))[0]
 
 
 def save_matcher(folder: str | Path, matcher: Matcher, extra: Optional[dict] = None) -> None:
@@ -129,27 +187,39 @@ def load_matcher(folder: str | Path) -> Optional[Matcher]:
 
 
 def retrieval_recall(matcher: Matcher, pooled: torch.Tensor, captions: Sequence[Sequence[int]],
-                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Image-to-caption recall@k with one caption per image (caption i belongs to image i)."""
+                     ks: Sequence[int] = (1, 5, 10), grid: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """Image-to-caption recall@k with one caption per image (caption i belongs to image i);
+    grid (B, P, C) is needed with ``regions``."""
     matcher.eval()
     with torch.no_grad():
-        s = matcher.image(pooled) @ matcher.text(matcher.pad(captions)).T  # (B, B)
+        s = matcher.scores(pooled, grid, matcher.pad(captions))  # (B, B)
     rank = (s > s.diag()[:, None]).sum(1)  # (B,) captions scored above the right one
     return {f"R@{k}": float((rank < k).float().mean()) for k in ks}
 
 
+def _info_nce(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a (b, b) photo-caption logit matrix whose diagonal are the pairs."""
+    y = torch.arange(logits.size(0))
+    return (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+
+
 def train_matcher(pooled: torch.Tensor, captions: Sequence[Sequence[Sequence[int]]], val_pooled: torch.Tensor,
                   val_captions: Sequence[Sequence[int]], config: MatcherConfig, epochs: int = 30,
-                  batch_size: int = 128, lr: float = 2e-4, seed: int = 0, progress: bool = True
+                  batch_size: int = 128, lr: float = 2e-4, seed: int = 0, progress: bool = True,
+                  grid: Optional[torch.Tensor] = None, val_grid: Optional[torch.Tensor] = None
                   ) -> tuple[Matcher, list[dict]]:
-    """Train with the symmetric InfoNCE loss; keep the epoch with the best validation R@5.
+    """Train with the symmetric InfoNCE loss (one per head); keep the epoch with the best
+    validation R@5.
 
     Args:
         pooled: (B, C) train photos. captions: per train photo, its captions as word-id lists
             (one is drawn per photo and epoch). val_pooled (B', C), val_captions: one per photo.
+        grid, val_grid: (B, P, C) and (B', P, C), needed with ``config.regions``.
     Returns:
         (best matcher in eval mode, one dict per epoch: loss, R@1/5/10, seconds).
     """
+    if config.regions and (grid is None or val_grid is None):
+        raise ValueError("a regions matcher trains on grid features: pass grid and val_grid")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     m = Matcher(config)
@@ -162,16 +232,16 @@ def train_matcher(pooled: torch.Tensor, captions: Sequence[Sequence[Sequence[int
         for b in tqdm(range(0, len(perm), batch_size), desc=f"matcher epoch {epoch + 1}/{epochs}",
                       disable=not progress, unit="batch", mininterval=15):
             sel = perm[b:b + batch_size]
-            caps = [captions[i][rng.integers(len(captions[i]))] for i in sel]
-            img, txt = m.image(pooled[sel]), m.text(m.pad(caps))  # (b, D) each
-            logits = m.logit_scale.exp().clamp(max=100) * img @ txt.T  # (b, b)
-            y = torch.arange(len(sel))
-            loss = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+            sent, words, mask = m.encode_text(m.pad([captions[i][rng.integers(len(captions[i]))] for i in sel]))
+            logits = m.logit_scale.exp().clamp(max=100) * m.image(pooled[sel]) @ sent.T  # (b, b)
+            loss = _info_nce(logits)
+            if config.regions:
+                loss = loss + _info_nce(m.region_score(m.regions(grid[sel]), words, mask) / config.region_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total, n = total + loss.item(), n + 1
-        r = retrieval_recall(m, val_pooled, val_captions)
+        r = retrieval_recall(m, val_pooled, val_captions, grid=val_grid)
         log.append({"epoch": epoch + 1, "loss": total / max(1, n), **r, "seconds": round(time.time() - t0, 1)})
         if progress:
             print(f"matcher epoch {epoch + 1}: loss {total / max(1, n):.3f}  val R@1 {r['R@1']:.3f}  "
@@ -183,9 +253,11 @@ def train_matcher(pooled: torch.Tensor, captions: Sequence[Sequence[Sequence[int
 
 
 def fit_matcher(model: str | Path, data: str | Path | None = None, features: str | Path | None = None,
-                epochs: int = 30, seed: int = 0, progress: bool = True) -> dict:
+                epochs: int = 30, seed: int = 0, progress: bool = True, regions: bool = False,
+                batch_size: int = 128) -> dict:
     """Train a matcher for the bundle ``model`` (its vocabulary, its encoder's cached pooled
-    features) on the train split, chosen by dev R@5, and write it into the bundle folder.
+    features, and grid features with ``regions``) on the train split, chosen by dev R@5, and write
+    it into the bundle folder.
 
     Returns:
         what matcher.json records besides the config: data, epochs run, best epoch, its dev recall.
@@ -206,19 +278,22 @@ def fit_matcher(model: str | Path, data: str | Path | None = None, features: str
                                          sorted(ds.captions)))
     index = cache.index()
 
-    def split(name: str) -> tuple[torch.Tensor, list[list[list[int]]]]:
+    def split(name: str) -> tuple[torch.Tensor, Optional[torch.Tensor], list[list[list[int]]]]:
         names = ds.split(name)
-        pooled = torch.from_numpy(np.asarray(cache.pooled[[index[n] for n in names]], dtype=np.float32))  # (B, C)
-        return pooled, [[vocab.encode(c, add_special=False) for c in ds.captions[n]] for n in names]
+        rows = [index[n] for n in names]
+        pooled = torch.from_numpy(np.asarray(cache.pooled[rows], dtype=np.float32))  # (B, C)
+        grid = torch.from_numpy(np.asarray(cache.grid[rows])) if regions else None  # (B, P, C) fp16, 0.75 GB for train
+        return pooled, grid, [[vocab.encode(c, add_special=False) for c in ds.captions[n]] for n in names]
 
     t0 = time.time()
-    tr_pooled, tr_caps = split("train")
-    dev_pooled, dev_caps = split("dev")
-    mc = MatcherConfig(vocab_size=len(vocab), feature_dim=tr_pooled.size(1))
+    tr_pooled, tr_grid, tr_caps = split("train")
+    dev_pooled, dev_grid, dev_caps = split("dev")
+    mc = MatcherConfig(vocab_size=len(vocab), feature_dim=tr_pooled.size(1), regions=regions)
     m, log = train_matcher(tr_pooled, tr_caps, dev_pooled, [c[0] for c in dev_caps], mc, epochs=epochs,
-                           seed=seed, progress=progress)
+                           batch_size=batch_size, seed=seed, progress=progress, grid=tr_grid, val_grid=dev_grid)
     best = max(log, key=lambda r: r["R@5"])
-    info = {"trained_on": "train split, every reference caption", "epochs": epochs, "best_epoch": best["epoch"],
+    info = {"trained_on": "train split, every reference caption", "epochs": epochs, "batch_size": batch_size,
+            "best_epoch": best["epoch"],
             "dev_recall": {k: round(best[k], 4) for k in ("R@1", "R@5", "R@10")}, "seed": seed,
             "minutes": round((time.time() - t0) / 60, 1), "log": log}
     save_matcher(model, m, info)

@@ -113,8 +113,11 @@ def reproduce_command(model: str | Path, run: str | Path, name: str, beam_size: 
     lines = list(dict.fromkeys(pre + lines))  # a run two teachers share is made once
     matcher = Path(model) / MATCHER_CONFIG
     if matcher.is_file():
-        epochs = json.loads(matcher.read_text()).get("epochs", 30)
-        lines.append(f"python -m captioning train-matcher --model {out}/best --epochs {epochs}")
+        mi = json.loads(matcher.read_text())
+        bs = mi.get("batch_size", 128)
+        lines.append(f"python -m captioning train-matcher --model {out}/best --epochs {mi.get('epochs', 30)}"
+                     + (f" --batch-size {bs}" if bs != 128 else "")
+                     + (" --regions" if mi.get("config", {}).get("regions") else ""))
     lines.append(f"python -m captioning ship {out} --name {name} --beam {beam_size} --length-penalty {length_penalty}"
                  + (f" --rerank {rerank}" if rerank else "")
                  + (f" --rerank-pool {rerank_pool}" if rerank and rerank_pool else ""))
@@ -244,13 +247,18 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
         dec = cfg.get("decoding") or {}
         # Captioner's rule: the recorded pool, never fewer than the beam.
         w, pool = dec.get("rerank", 0.0), max(int(dec.get("rerank_pool", 0)), int(dec.get("beam_size", 0)))
+        regions = bool(mi.get("config", {}).get("regions"))
         lines.append(
             f"- **Re-ranking**: " + (f"the {pool} best finished captions of beam {dec.get('beam_size', '?')} search are "
-                                     f"re-ranked by their score + {w} × the cosine between photo and caption of "
+                                     f"re-ranked by their score + {w} × the "
+                                     + ("similarity" if regions else "cosine") + " between photo and caption of "
                                      if w else "ships ")
             + f"an image-caption matcher (`matcher.safetensors`: pooled features and a bidirectional GRU over the "
-            f"words in one {mi.get('config', {}).get('joint_dim')}-d space, symmetric InfoNCE; Fang et al. 2015 "
-            f"re-ranked COCO captions this way), trained on the train references for {mi.get('epochs')} epochs, kept at "
+            f"words in one {mi.get('config', {}).get('joint_dim')}-d space, symmetric InfoNCE"
+            + ("; plus each word matched to the grid cells it attends to, SCAN text-to-image (Lee et al. 2018), "
+               "its own InfoNCE, added to the cosine" if regions else "")
+            + f"; Fang et al. 2015 re-ranked COCO captions this way), trained on the train references for "
+            f"{mi.get('epochs')} epochs, kept at "
             f"epoch {mi.get('best_epoch')} by dev image→caption recall (1,000 photos: R@1 {r.get('R@1', 0):.3f}, "
             f"R@5 {r.get('R@5', 0):.3f}, R@10 {r.get('R@10', 0):.3f}); {mi.get('minutes')} min.")
     any_scst = any(st.get("config", {}).get("scst") for st in stages)

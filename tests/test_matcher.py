@@ -59,6 +59,74 @@ def test_matcher_learns_which_caption_fits(vocab):
     assert retrieval_recall(m, vf, [c[0] for c in vcaps])["R@5"] == pytest.approx(best["R@5"])
 
 
+def synthetic_grids(vocab: Vocab, per_kind: int, seed: int, cells: int = 9, dim: int = 32):
+    """Grids of noise cells with the kind's prototype in one random cell, and pooled features that
+    are noise: only the grid tells the kinds apart."""
+    g = torch.Generator().manual_seed(0)
+    protos = 3 * torch.randn(len(KINDS), dim, generator=g)
+    g.manual_seed(seed)
+    kinds = [k for k in range(len(KINDS)) for _ in range(per_kind)]
+    grid = torch.randn(len(kinds), cells, dim, generator=g)  # (B, P, dim)
+    where = torch.randint(cells, (len(kinds),), generator=g)
+    grid[torch.arange(len(kinds)), where] = protos[kinds]
+    caps = [[vocab.encode(c, add_special=False) for c in KINDS[KIND_NAMES[k]]] for k in kinds]
+    return torch.randn(len(kinds), dim, generator=g), grid, caps, kinds
+
+
+def test_regions_matcher_grounds_words_in_cells(vocab):
+    """With ``regions``, the word-region head learns to find the cell that holds the photo's
+    object and picks each held-out photo's own caption, where a pooled-only matcher cannot (its
+    features say nothing); the matcher then needs the grid."""
+    pooled, grid, caps, kinds = synthetic_grids(vocab, per_kind=12, seed=1)
+    vp, vg, vcaps, vkinds = synthetic_grids(vocab, per_kind=5, seed=2)
+    cfg = MatcherConfig(vocab_size=len(vocab), feature_dim=32, embed_dim=16, joint_dim=32, regions=True)
+    firsts = [vocab.encode(KINDS[k][0], add_special=False) for k in KIND_NAMES]
+
+    def region_accuracy(m: Matcher) -> float:
+        with torch.no_grad():
+            _, words, mask = m.encode_text(m.pad(firsts))
+            s = m.region_score(m.regions(vg), words, mask)  # (B, 4)
+        return float((s.argmax(1) == torch.tensor(vkinds)).float().mean())
+
+    torch.manual_seed(0)
+    assert region_accuracy(Matcher(cfg).eval()) < 0.6
+    pooled_only, _ = train_matcher(pooled, caps, vp, [c[0] for c in vcaps],
+                                   MatcherConfig(**{**cfg.to_dict(), "regions": False}), epochs=25, batch_size=16,
+                                   lr=3e-3, progress=False)
+    assert kind_accuracy(pooled_only, vp, vkinds, vocab) < 0.6
+    m, log = train_matcher(pooled, caps, vp, [c[0] for c in vcaps], cfg, epochs=25, batch_size=16, lr=3e-3,
+                           progress=False, grid=grid, val_grid=vg)
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert region_accuracy(m) == 1.0
+    # similarity = the cosine + the word-region score, and it cannot be had without the grid.
+    with torch.no_grad():
+        cos = m.text(m.pad(firsts)) @ m.image(vp[:1])[0]
+        _, words, mask = m.encode_text(m.pad(firsts))
+        want = cos + m.region_score(m.regions(vg[:1]), words, mask)[0]
+    assert torch.allclose(m.similarity(vp[0], firsts, vg[0]), want, atol=1e-5)
+    with pytest.raises(ValueError, match="grid"):
+        m.similarity(vp[0], firsts)
+    with pytest.raises(ValueError, match="grid"):
+        train_matcher(pooled, caps, vp, [c[0] for c in vcaps], cfg, epochs=1, progress=False)
+
+
+def test_region_score_attends_to_the_matching_cell(vocab):
+    """SCAN's score by hand: a one-word caption whose word vector is cell 2 of the photo, with a
+    sharp attention, scores cos(word, cell 2) = 1; padding does not count towards the mean."""
+    m = Matcher(MatcherConfig(vocab_size=len(vocab), feature_dim=8, embed_dim=4, joint_dim=8, regions=True,
+                              region_sharpness=1000.0))
+    regions = torch.nn.functional.normalize(torch.randn(1, 5, 8), dim=-1)  # (B, P, D)
+    words = torch.stack([regions[0, 2], regions[0, 4]])[None]  # (1, 2, D)
+    assert m.region_score(regions, words[:, :1], torch.ones(1, 1)).item() == pytest.approx(1.0, abs=1e-4)
+    assert m.region_score(regions, words, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(1.0, abs=1e-4)
+    other = torch.nn.functional.normalize(torch.randn(1, 1, 8), dim=-1)
+    got = m.region_score(regions, other, torch.ones(1, 1)).item()
+    assert got < 1.0 - 1e-3 and got == pytest.approx(float(regions[0] @ other[0, 0] @ torch.softmax(
+        1000.0 * torch.nn.functional.leaky_relu(regions[0] @ other[0, 0], 0.1), 0)) / float(
+        (torch.softmax(1000.0 * torch.nn.functional.leaky_relu(regions[0] @ other[0, 0], 0.1), 0) @ regions[0]).norm()),
+        abs=1e-4)
+
+
 def test_save_load_round_trip_and_bad_files(tmp_path, vocab):
     m = Matcher(MatcherConfig(vocab_size=len(vocab), feature_dim=32, embed_dim=16, joint_dim=32)).eval()
     save_matcher(tmp_path, m, {"note": "kept"})
@@ -123,6 +191,37 @@ def test_rerank_reorders_the_beams_by_the_matcher(tmp_path, vocab, encoder, imag
     assert Captioner.from_pretrained([folder, folder], encoder=encoder).default_rerank == 0.0
 
 
+def test_rerank_with_a_regions_matcher_reads_the_grid(tmp_path, vocab, encoder, images):
+    """A regions matcher re-ranks with each photo's grid: the re-ranked best is the favourite of
+    ``similarity(pooled, captions, grid)``; it survives the save/load round trip, and a matcher
+    file written before regions existed still loads as a pooled one."""
+    folder = save_bundle(tmp_path / "m", small_decoder(vocab_size=len(vocab)), vocab, "efficientnet-lite0", half=False)
+    torch.manual_seed(1)
+    save_matcher(folder, Matcher(MatcherConfig(vocab_size=len(vocab), feature_dim=1280, regions=True)))
+    cap = Captioner.from_pretrained(folder, encoder=encoder)
+    assert cap.matcher.config.regions
+    grid, pooled = cap.encode(cap.pixels(images))
+    plain = cap.caption_features(grid, pooled, beam_size=3, nbest=3, rerank=0)
+    got = cap.caption_features(grid, pooled, beam_size=3, rerank=1000.0)
+    for b, (p, r) in enumerate(zip(plain, got)):
+        sims = cap.matcher.similarity(pooled[b], [c.tokens for c in p.captions], grid[b])
+        assert r.tokens == p.captions[int(sims.argmax())].tokens
+        assert r.captions[0].match == pytest.approx(float(sims.max()), abs=1e-5)
+
+    cfg = json.loads((folder / MATCHER_CONFIG).read_text())
+    for k in ("regions", "region_sharpness", "region_temperature"):
+        del cfg["config"][k]
+    (folder / MATCHER_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="matcher.safetensors"):  # its region weights are unexpected
+        load_matcher(folder)
+    save_matcher(folder, Matcher(MatcherConfig(vocab_size=len(vocab), feature_dim=1280)))
+    cfg = json.loads((folder / MATCHER_CONFIG).read_text())
+    for k in ("regions", "region_sharpness", "region_temperature"):
+        del cfg["config"][k]
+    (folder / MATCHER_CONFIG).write_text(json.dumps(cfg))
+    assert not load_matcher(folder).config.regions
+
+
 def test_rerank_pool_widens_the_candidates_not_the_beam(tmp_path, vocab, encoder, images):
     """rerank_pool=P re-ranks the P best captions that finished during the same beam-3 search
     (what beam_search returns with nbest=P), never one cut off at max_len while enough others
@@ -176,9 +275,10 @@ def test_train_matcher_and_ship_with_rerank(synth, features_dir, tmp_path):
     run = train(str(synth.root), tmp_path / "xe", TrainConfig(decoder="show_attend_tell", epochs=2, lr=1e-2, **SMALL),
                 features=features_dir, progress=False)
     assert main(["train-matcher", "--model", str(run / "best"), "--data", str(synth.root),
-                 "--features", str(features_dir), "--epochs", "3"]) == 0
+                 "--features", str(features_dir), "--epochs", "3", "--regions", "--batch-size", "8"]) == 0
     info = json.loads((run / "best" / MATCHER_CONFIG).read_text())
     assert info["epochs"] == 3 and len(info["log"]) == 3 and set(info["dev_recall"]) == {"R@1", "R@5", "R@10"}
+    assert info["config"]["regions"] and info["batch_size"] == 8
     assert main(["ship", str(run), "--name", "sat", "--dest", str(tmp_path / "models"), "--data", str(synth.root),
                  "--features", str(features_dir), "--rerank", "2.0", "--rerank-pool", "5"]) == 0
     dest = tmp_path / "models" / "sat"
@@ -187,7 +287,8 @@ def test_train_matcher_and_ship_with_rerank(synth, features_dir, tmp_path):
     metrics = json.loads((dest / "metrics.json").read_text())
     assert metrics["rerank"] == 2.0 and metrics["rerank_pool"] == 5
     card = (dest / "MODEL_CARD.md").read_text()
-    assert "train-matcher --model runs/xe/best --epochs 3" in card and "--rerank 2.0 --rerank-pool 5" in card
+    assert "train-matcher --model runs/xe/best --epochs 3 --batch-size 8 --regions" in card
+    assert "--rerank 2.0 --rerank-pool 5" in card and "SCAN text-to-image" in card
     assert "the 5 best finished captions of beam 3 search are re-ranked" in card
 
 
