@@ -17,9 +17,11 @@ decoder's vocabulary, so it lives in the decoder's bundle folder as ``matcher.sa
 With ``regions`` on, it also matches each word to the photo's grid cells, the text-to-image
 stacked cross attention of SCAN (Lee et al. 2018, "Stacked Cross Attention for Image-Text
 Matching"): each word attends over the cells, and the similarity adds the mean over words of
-cos(word, attended cells) to the sentence-level cosine. Both heads share the word encoder and are
-trained together, each with its own InfoNCE loss. A caption that names something the photo has
-in one corner then scores above a generic one, which the pooled features alone blur.
+cos(word, attended cells) to the sentence-level cosine. A caption that names something in one
+corner of the photo then scores above a generic one, which the pooled features blur. The region
+head has its own GRU over the matcher's word embeddings: sharing the whole word encoder with the
+sentence head made both worse on Flickr8k dev. ``fit_matcher(regions=True)`` adds the head to a
+bundle's trained matcher and leaves the rest of it as it was.
 
 Dimensions: B images, N captions, T tokens, P grid cells, C encoder channels, E word embedding,
 D joint space.
@@ -55,6 +57,7 @@ class MatcherConfig:
     dropout: float = 0.2
     max_tokens: int = 24
     regions: bool = False  # also match each word to the grid cells (SCAN text-to-image)
+    region_dim: int = 512  # the word-region space
     region_sharpness: float = 9.0  # SCAN's lambda_1: inverse temperature of a word's attention over cells
     region_temperature: float = 0.05  # InfoNCE temperature of the word-region similarity
 
@@ -71,12 +74,20 @@ class Matcher(nn.Module):
         self.config = config
         D = config.joint_dim
         self.image_proj = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, D))
-        if config.regions:
-            self.region_proj = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, D))
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=0)
         self.gru = nn.GRU(config.embed_dim, D, batch_first=True, bidirectional=True)
         self.text_proj = nn.Linear(2 * D, D)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if config.regions:
+            R = config.region_dim
+            self.region_proj = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, R))
+            self.region_gru = nn.GRU(config.embed_dim, R, batch_first=True, bidirectional=True)
+
+    def region_parameters(self) -> list[nn.Parameter]:
+        """The word-region head's own parameters (none without ``regions``)."""
+        if not self.config.regions:
+            return []
+        return [*self.region_proj.parameters(), *self.region_gru.parameters()]
 
     def image(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled (B, C) -> (B, D), unit length."""
@@ -84,32 +95,35 @@ class Matcher(nn.Module):
 
     def text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (N, T) word ids, 0-padded, no <start>/<end> -> (N, D), unit length."""
-        return self.encode_text(tokens)[0]
-
-    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tokens (N, T) -> sentence (N, D) and words (N, T, D), both unit length, and the mask (N, T)."""
         mask = (tokens != 0).float()  # (N, T)
         h, _ = self.gru(self.embed(tokens))  # (N, T, 2D)
-        sentence = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (N, 2D) mean over words
-        D = h.size(-1) // 2
-        words = F.normalize((h[..., :D] + h[..., D:]) / 2, dim=-1)  # (N, T, D) the two directions averaged, as SCAN
-        return F.normalize(self.text_proj(sentence), dim=-1), words, mask
+        h = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (N, 2D) mean over words
+        return F.normalize(self.text_proj(h), dim=-1)
+
+    def words(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (N, T) -> each word for the region head (N, T, R), unit length, and the mask (N, T)."""
+        h, _ = self.region_gru(self.embed(tokens))  # (N, T, 2R)
+        R = h.size(-1) // 2
+        return F.normalize((h[..., :R] + h[..., R:]) / 2, dim=-1), (tokens != 0).float()  # the directions averaged, as SCAN
 
     def regions(self, grid: torch.Tensor) -> torch.Tensor:
-        """grid (B, P, C) -> (B, P, D), unit length."""
+        """grid (B, P, C) -> (B, P, R), unit length."""
         return F.normalize(self.region_proj(grid.float()), dim=-1)
 
     def region_score(self, regions: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """SCAN text-to-image similarity: regions (B, P, D), words (N, T, D), mask (N, T) -> (B, N),
-        the mean over a caption's words of cos(word, the cells it attends to)."""
-        cos = torch.einsum("ntd,bpd->nbtp", words, regions)  # (N, B, T, P)
+        """SCAN text-to-image similarity: regions (B, P, R), words (N, T, R), mask (N, T) -> (B, N),
+        the mean over a caption's words of cos(word, the attention-weighted sum of cells)."""
+        cos = torch.einsum("ntr,bpr->nbtp", words, regions)  # (N, B, T, P)
         att = F.softmax(self.config.region_sharpness * F.leaky_relu(cos, 0.1), dim=-1)  # (N, B, T, P)
-        ctx = F.normalize(torch.einsum("nbtp,bpd->nbtd", att, regions), dim=-1)  # (N, B, T, D)
-        per_word = (ctx * words[:, None]).sum(-1)  # (N, B, T)
+        # word . sum_p att_p cell_p = sum_p att_p cos_p, and |sum_p att_p cell_p|^2 = att' G att with
+        # the cells' Gram matrix G: no (N, B, T, R) tensor, and P^2 instead of P * R work per word.
+        gram = regions @ regions.transpose(1, 2)  # (B, P, P)
+        norm = (torch.einsum("nbtp,bpq->nbtq", att, gram) * att).sum(-1).clamp(min=1e-24).sqrt()  # (N, B, T)
+        per_word = (att * cos).sum(-1) / norm  # (N, B, T)
         return ((per_word * mask[:, None]).sum(-1) / mask.sum(-1, keepdim=True).clamp(min=1)).T  # (B, N)
 
     def scores(self, pooled: torch.Tensor, grid: Optional[torch.Tensor], tokens: torch.Tensor,
-               chunk: int = 128) -> torch.Tensor:
+               chunk: int = 64) -> torch.Tensor:
         """Similarity of every photo to every caption: pooled (B, C), grid (B, P, C) or None
         without regions, tokens (N, T) -> (B, N): the cosine, plus the word-region score with
         ``regions``. Captions go through in chunks to bound the (N, B, T, P) attention."""
@@ -117,10 +131,10 @@ class Matcher(nn.Module):
         reg = self._grid_regions(grid)
         out = []
         for i in range(0, tokens.size(0), chunk):
-            sent, words, mask = self.encode_text(tokens[i:i + chunk])
-            s = img @ sent.T  # (B, n)
+            t = tokens[i:i + chunk]
+            s = img @ self.text(t).T  # (B, n)
             if reg is not None:
-                s = s + self.region_score(reg, words, mask)
+                s = s + self.region_score(reg, *self.words(t))
             out.append(s)
         return torch.cat(out, 1)
 
@@ -206,24 +220,34 @@ def _info_nce(logits: torch.Tensor) -> torch.Tensor:
 def train_matcher(pooled: torch.Tensor, captions: Sequence[Sequence[Sequence[int]]], val_pooled: torch.Tensor,
                   val_captions: Sequence[Sequence[int]], config: MatcherConfig, epochs: int = 30,
                   batch_size: int = 128, lr: float = 2e-4, seed: int = 0, progress: bool = True,
-                  grid: Optional[torch.Tensor] = None, val_grid: Optional[torch.Tensor] = None
-                  ) -> tuple[Matcher, list[dict]]:
+                  grid: Optional[torch.Tensor] = None, val_grid: Optional[torch.Tensor] = None,
+                  base: Optional[Matcher] = None) -> tuple[Matcher, list[dict]]:
     """Train with the symmetric InfoNCE loss (one per head); keep the epoch with the best
-    validation R@5.
+    validation R@5 (of the summed similarity).
 
     Args:
         pooled: (B, C) train photos. captions: per train photo, its captions as word-id lists
             (one is drawn per photo and epoch). val_pooled (B', C), val_captions: one per photo.
         grid, val_grid: (B, P, C) and (B', P, C), needed with ``config.regions``.
+        base: with ``config.regions``, a trained matcher without regions whose weights are kept
+            as they are (frozen); only the region head is trained.
     Returns:
         (best matcher in eval mode, one dict per epoch: loss, R@1/5/10, seconds).
     """
     if config.regions and (grid is None or val_grid is None):
         raise ValueError("a regions matcher trains on grid features: pass grid and val_grid")
+    if base is not None and (not config.regions or base.config.regions):
+        raise ValueError("base: a matcher without regions, to which a region head is added")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     m = Matcher(config)
-    opt = torch.optim.Adam(m.parameters(), lr)
+    if base is not None:
+        m.load_state_dict(base.state_dict(), strict=False)  # every weight but the region head's
+        for prm in m.parameters():
+            prm.requires_grad_(False)
+        for prm in m.region_parameters():
+            prm.requires_grad_(True)
+    opt = torch.optim.Adam([prm for prm in m.parameters() if prm.requires_grad], lr)
     best, best_state, log = -1.0, None, []
     for epoch in range(epochs):
         m.train()
@@ -232,11 +256,12 @@ def train_matcher(pooled: torch.Tensor, captions: Sequence[Sequence[Sequence[int
         for b in tqdm(range(0, len(perm), batch_size), desc=f"matcher epoch {epoch + 1}/{epochs}",
                       disable=not progress, unit="batch", mininterval=15):
             sel = perm[b:b + batch_size]
-            sent, words, mask = m.encode_text(m.pad([captions[i][rng.integers(len(captions[i]))] for i in sel]))
-            logits = m.logit_scale.exp().clamp(max=100) * m.image(pooled[sel]) @ sent.T  # (b, b)
-            loss = _info_nce(logits)
+            tokens = m.pad([captions[i][rng.integers(len(captions[i]))] for i in sel])  # (b, T)
+            loss = torch.zeros(())
+            if base is None:
+                loss = loss + _info_nce(m.logit_scale.exp().clamp(max=100) * m.image(pooled[sel]) @ m.text(tokens).T)
             if config.regions:
-                loss = loss + _info_nce(m.region_score(m.regions(grid[sel]), words, mask) / config.region_temperature)
+                loss = loss + _info_nce(m.region_score(m.regions(grid[sel]), *m.words(tokens)) / config.region_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -258,6 +283,10 @@ def fit_matcher(model: str | Path, data: str | Path | None = None, features: str
     """Train a matcher for the bundle ``model`` (its vocabulary, its encoder's cached pooled
     features, and grid features with ``regions``) on the train split, chosen by dev R@5, and write
     it into the bundle folder.
+
+    With ``regions``, a bundle whose matcher has no region head gets one added: that matcher's
+    weights are kept and only the head is trained, and its record moves under "regions" in
+    matcher.json beside the first training's. Otherwise both heads are trained together.
 
     Returns:
         what matcher.json records besides the config: data, epochs run, best epoch, its dev recall.
@@ -285,16 +314,27 @@ def fit_matcher(model: str | Path, data: str | Path | None = None, features: str
         grid = torch.from_numpy(np.asarray(cache.grid[rows])) if regions else None  # (B, P, C) fp16, 0.75 GB for train
         return pooled, grid, [[vocab.encode(c, add_special=False) for c in ds.captions[n]] for n in names]
 
+    base = load_matcher(model) if regions else None
+    if base is not None and base.config.regions:
+        raise ValueError(f"{model}: its matcher already has a region head")
     t0 = time.time()
     tr_pooled, tr_grid, tr_caps = split("train")
     dev_pooled, dev_grid, dev_caps = split("dev")
-    mc = MatcherConfig(vocab_size=len(vocab), feature_dim=tr_pooled.size(1), regions=regions)
+    mc = (MatcherConfig(**{**base.config.to_dict(), "regions": True}) if base is not None else
+          MatcherConfig(vocab_size=len(vocab), feature_dim=tr_pooled.size(1), regions=regions))
     m, log = train_matcher(tr_pooled, tr_caps, dev_pooled, [c[0] for c in dev_caps], mc, epochs=epochs,
-                           batch_size=batch_size, seed=seed, progress=progress, grid=tr_grid, val_grid=dev_grid)
+                           batch_size=batch_size, seed=seed, progress=progress, grid=tr_grid, val_grid=dev_grid,
+                           base=base)
     best = max(log, key=lambda r: r["R@5"])
-    info = {"trained_on": "train split, every reference caption", "epochs": epochs, "batch_size": batch_size,
-            "best_epoch": best["epoch"],
-            "dev_recall": {k: round(best[k], 4) for k in ("R@1", "R@5", "R@10")}, "seed": seed,
-            "minutes": round((time.time() - t0) / 60, 1), "log": log}
+    record = {"trained_on": "train split, every reference caption", "epochs": epochs, "batch_size": batch_size,
+              "best_epoch": best["epoch"],
+              "dev_recall": {k: round(best[k], 4) for k in ("R@1", "R@5", "R@10")}, "seed": seed,
+              "minutes": round((time.time() - t0) / 60, 1), "log": log}
+    if base is not None:
+        first = json.loads((model / MATCHER_CONFIG).read_text())
+        first.pop("config", None)
+        info = {**first, "regions": record}
+    else:
+        info = record
     save_matcher(model, m, info)
-    return info
+    return record

@@ -114,10 +114,16 @@ def reproduce_command(model: str | Path, run: str | Path, name: str, beam_size: 
     matcher = Path(model) / MATCHER_CONFIG
     if matcher.is_file():
         mi = json.loads(matcher.read_text())
-        bs = mi.get("batch_size", 128)
-        lines.append(f"python -m captioning train-matcher --model {out}/best --epochs {mi.get('epochs', 30)}"
-                     + (f" --batch-size {bs}" if bs != 128 else "")
-                     + (" --regions" if mi.get("config", {}).get("regions") else ""))
+        added = mi.get("regions")  # a region head added to a trained matcher: its own record
+
+        def train_cmd(rec: dict, regions: bool) -> str:
+            bs = rec.get("batch_size", 128)
+            return (f"python -m captioning train-matcher --model {out}/best --epochs {rec.get('epochs', 30)}"
+                    + (f" --batch-size {bs}" if bs != 128 else "") + (" --regions" if regions else ""))
+
+        lines.append(train_cmd(mi, bool(mi.get("config", {}).get("regions")) and not added))
+        if added:
+            lines.append(train_cmd(added, True))
     lines.append(f"python -m captioning ship {out} --name {name} --beam {beam_size} --length-penalty {length_penalty}"
                  + (f" --rerank {rerank}" if rerank else "")
                  + (f" --rerank-pool {rerank_pool}" if rerank and rerank_pool else ""))
@@ -243,24 +249,35 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
     mp = model / MATCHER_CONFIG
     if mp.is_file():
         mi = json.loads(mp.read_text())
-        r = mi.get("dev_recall") or {}
         dec = cfg.get("decoding") or {}
         # Captioner's rule: the recorded pool, never fewer than the beam.
         w, pool = dec.get("rerank", 0.0), max(int(dec.get("rerank_pool", 0)), int(dec.get("beam_size", 0)))
-        regions = bool(mi.get("config", {}).get("regions"))
-        lines.append(
-            f"- **Re-ranking**: " + (f"the {pool} best finished captions of beam {dec.get('beam_size', '?')} search are "
-                                     f"re-ranked by their score + {w} × the "
-                                     + ("similarity" if regions else "cosine") + " between photo and caption of "
-                                     if w else "ships ")
-            + f"an image-caption matcher (`matcher.safetensors`: pooled features and a bidirectional GRU over the "
-            f"words in one {mi.get('config', {}).get('joint_dim')}-d space, symmetric InfoNCE"
-            + ("; plus each word matched to the grid cells it attends to, SCAN text-to-image (Lee et al. 2018), "
-               "its own InfoNCE, added to the cosine" if regions else "")
-            + f"; Fang et al. 2015 re-ranked COCO captions this way), trained on the train references for "
-            f"{mi.get('epochs')} epochs, kept at "
-            f"epoch {mi.get('best_epoch')} by dev image→caption recall (1,000 photos: R@1 {r.get('R@1', 0):.3f}, "
-            f"R@5 {r.get('R@5', 0):.3f}, R@10 {r.get('R@10', 0):.3f}); {mi.get('minutes')} min.")
+        mc = mi.get("config", {})
+        regions, added = bool(mc.get("regions")), mi.get("regions")
+
+        def recall(rec: dict, whose: str = "") -> str:
+            r = rec.get("dev_recall") or {}
+            return (f"by {whose}dev image→caption recall (1,000 photos: R@1 {r.get('R@1', 0):.3f}, "
+                    f"R@5 {r.get('R@5', 0):.3f}, R@10 {r.get('R@10', 0):.3f}); {rec.get('minutes')} min")
+
+        scan = (f"each word matched to the grid cells it attends to, SCAN text-to-image (Lee et al. 2018), with its "
+                f"own bidirectional GRU over the matcher's word embeddings in a {mc.get('region_dim')}-d space and its "
+                f"own InfoNCE")
+        text = (f"- **Re-ranking**: " + (f"the {pool} best finished captions of beam {dec.get('beam_size', '?')} search "
+                                         f"are re-ranked by their score + {w} × the "
+                                         + ("similarity" if regions else "cosine") + " between photo and caption of "
+                                         if w else "ships ")
+                + f"an image-caption matcher (`matcher.safetensors`: pooled features and a bidirectional GRU over the "
+                f"words in one {mc.get('joint_dim')}-d space, symmetric InfoNCE"
+                + (f"; plus {scan}, added to the cosine" if regions and not added else "")
+                + f"; Fang et al. 2015 re-ranked COCO captions this way), trained on the train references for "
+                f"{mi.get('epochs')} epochs, kept at epoch {mi.get('best_epoch')} {recall(mi)}.")
+        if added:
+            summed = "the summed similarity's "
+            text += (f" Then a word-region head was added to it, {scan}, its score added to the cosine; the rest of "
+                     f"the matcher frozen, {added.get('epochs')} epochs of {added.get('batch_size')} photos a batch, "
+                     f"kept at epoch {added.get('best_epoch')} {recall(added, summed)}.")
+        lines.append(text)
     any_scst = any(st.get("config", {}).get("scst") for st in stages)
     lines += [
         f"- **Weights**: fp16 safetensors, {(model / 'model.safetensors').stat().st_size / 1e6:.1f} MB.",

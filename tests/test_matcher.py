@@ -84,8 +84,7 @@ def test_regions_matcher_grounds_words_in_cells(vocab):
 
     def region_accuracy(m: Matcher) -> float:
         with torch.no_grad():
-            _, words, mask = m.encode_text(m.pad(firsts))
-            s = m.region_score(m.regions(vg), words, mask)  # (B, 4)
+            s = m.region_score(m.regions(vg), *m.words(m.pad(firsts)))  # (B, 4)
         return float((s.argmax(1) == torch.tensor(vkinds)).float().mean())
 
     torch.manual_seed(0)
@@ -101,8 +100,7 @@ def test_regions_matcher_grounds_words_in_cells(vocab):
     # similarity = the cosine + the word-region score, and it cannot be had without the grid.
     with torch.no_grad():
         cos = m.text(m.pad(firsts)) @ m.image(vp[:1])[0]
-        _, words, mask = m.encode_text(m.pad(firsts))
-        want = cos + m.region_score(m.regions(vg[:1]), words, mask)[0]
+        want = cos + m.region_score(m.regions(vg[:1]), *m.words(m.pad(firsts)))[0]
     assert torch.allclose(m.similarity(vp[0], firsts, vg[0]), want, atol=1e-5)
     with pytest.raises(ValueError, match="grid"):
         m.similarity(vp[0], firsts)
@@ -274,11 +272,21 @@ def test_train_matcher_and_ship_with_rerank(synth, features_dir, tmp_path):
 
     run = train(str(synth.root), tmp_path / "xe", TrainConfig(decoder="show_attend_tell", epochs=2, lr=1e-2, **SMALL),
                 features=features_dir, progress=False)
-    assert main(["train-matcher", "--model", str(run / "best"), "--data", str(synth.root),
-                 "--features", str(features_dir), "--epochs", "3", "--regions", "--batch-size", "8"]) == 0
+    common = ["--model", str(run / "best"), "--data", str(synth.root), "--features", str(features_dir)]
+    assert main(["train-matcher", *common, "--epochs", "3"]) == 0
     info = json.loads((run / "best" / MATCHER_CONFIG).read_text())
     assert info["epochs"] == 3 and len(info["log"]) == 3 and set(info["dev_recall"]) == {"R@1", "R@5", "R@10"}
-    assert info["config"]["regions"] and info["batch_size"] == 8
+    first = load_matcher(run / "best")
+    # --regions adds a word-region head to that matcher and leaves the rest of it as it was.
+    assert main(["train-matcher", *common, "--epochs", "2", "--regions", "--batch-size", "8"]) == 0
+    info2 = json.loads((run / "best" / MATCHER_CONFIG).read_text())
+    assert info2["config"]["regions"] and info2["log"] == info["log"] and info2["epochs"] == 3
+    assert info2["regions"]["epochs"] == 2 and info2["regions"]["batch_size"] == 8 and len(info2["regions"]["log"]) == 2
+    both = load_matcher(run / "best")
+    for k, v in first.state_dict().items():
+        assert torch.equal(both.state_dict()[k], v), k
+    assert both.region_parameters() and not first.region_parameters()
+    assert main(["train-matcher", *common, "--epochs", "1", "--regions"]) == 2  # it has one already
     assert main(["ship", str(run), "--name", "sat", "--dest", str(tmp_path / "models"), "--data", str(synth.root),
                  "--features", str(features_dir), "--rerank", "2.0", "--rerank-pool", "5"]) == 0
     dest = tmp_path / "models" / "sat"
@@ -287,7 +295,8 @@ def test_train_matcher_and_ship_with_rerank(synth, features_dir, tmp_path):
     metrics = json.loads((dest / "metrics.json").read_text())
     assert metrics["rerank"] == 2.0 and metrics["rerank_pool"] == 5
     card = (dest / "MODEL_CARD.md").read_text()
-    assert "train-matcher --model runs/xe/best --epochs 3 --batch-size 8 --regions" in card
+    assert ("train-matcher --model runs/xe/best --epochs 3\n"
+            "python -m captioning train-matcher --model runs/xe/best --epochs 2 --batch-size 8 --regions") in card
     assert "--rerank 2.0 --rerank-pool 5" in card and "SCAN text-to-image" in card
     assert "the 5 best finished captions of beam 3 search are re-ranked" in card
 
