@@ -102,7 +102,7 @@ def cmd_matcher(a: argparse.Namespace) -> int:
     from .matcher import fit_matcher
 
     info = fit_matcher(a.model, a.data, a.features, epochs=a.epochs, seed=a.seed, regions=a.regions,
-                       batch_size=a.batch_size)
+                       batch_size=a.batch_size, region_dim=a.region_dim)
     r = info["dev_recall"]
     print(f"matcher written into {a.model} (best epoch {info['best_epoch']}: dev R@1 {r['R@1']:.3f}, "
           f"R@5 {r['R@5']:.3f}, R@10 {r['R@10']:.3f})")
@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--epochs", type=int, default=30)
     m.add_argument("--batch-size", type=int, default=128)
     m.add_argument("--regions", action="store_true",
-                   help="also match each word to the photo's grid cells (SCAN text-to-image; needs the grid cache)")
+                   help="also match each word to the photo's grid cells (SCAN text-to-image; needs the grid cache); "
+                        "added to the model's matcher when it has one")
+    m.add_argument("--region-dim", type=int, default=512, help="size of the word-region space (with --regions)")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=cmd_matcher)
 

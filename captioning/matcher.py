@@ -19,8 +19,8 @@ stacked cross attention of SCAN (Lee et al. 2018, "Stacked Cross Attention for I
 Matching"): each word attends over the cells, and the similarity adds the mean over words of
 cos(word, attended cells) to the sentence-level cosine. A caption that names something in one
 corner of the photo then scores above a generic one, which the pooled features blur. The region
-head has its own GRU over the matcher's word embeddings: sharing the whole word encoder with the
-sentence head made both worse on Flickr8k dev. ``fit_matcher(regions=True)`` adds the head to a
+head has its own word embeddings and GRU: sharing the sentence head's whole word encoder, or only
+its embeddings, re-ranked worse on Flickr8k dev. ``fit_matcher(regions=True)`` adds the head to a
 bundle's trained matcher and leaves the rest of it as it was.
 
 Dimensions: B images, N captions, T tokens, P grid cells, C encoder channels, E word embedding,
@@ -81,13 +81,14 @@ class Matcher(nn.Module):
         if config.regions:
             R = config.region_dim
             self.region_proj = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, R))
+            self.region_embed = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=0)
             self.region_gru = nn.GRU(config.embed_dim, R, batch_first=True, bidirectional=True)
 
     def region_parameters(self) -> list[nn.Parameter]:
         """The word-region head's own parameters (none without ``regions``)."""
         if not self.config.regions:
             return []
-        return [*self.region_proj.parameters(), *self.region_gru.parameters()]
+        return [*self.region_proj.parameters(), *self.region_embed.parameters(), *self.region_gru.parameters()]
 
     def image(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled (B, C) -> (B, D), unit length."""
@@ -102,7 +103,7 @@ class Matcher(nn.Module):
 
     def words(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (N, T) -> each word for the region head (N, T, R), unit length, and the mask (N, T)."""
-        h, _ = self.region_gru(self.embed(tokens))  # (N, T, 2R)
+        h, _ = self.region_gru(self.region_embed(tokens))  # (N, T, 2R)
         R = h.size(-1) // 2
         return F.normalize((h[..., :R] + h[..., R:]) / 2, dim=-1), (tokens != 0).float()  # the directions averaged, as SCAN
 
@@ -279,7 +280,7 @@ def train_matcher(pooled: torch.Tensor, captions: Sequence[Sequence[Sequence[int
 
 def fit_matcher(model: str | Path, data: str | Path | None = None, features: str | Path | None = None,
                 epochs: int = 30, seed: int = 0, progress: bool = True, regions: bool = False,
-                batch_size: int = 128) -> dict:
+                batch_size: int = 128, region_dim: int = 512) -> dict:
     """Train a matcher for the bundle ``model`` (its vocabulary, its encoder's cached pooled
     features, and grid features with ``regions``) on the train split, chosen by dev R@5, and write
     it into the bundle folder.
@@ -320,8 +321,9 @@ def fit_matcher(model: str | Path, data: str | Path | None = None, features: str
     t0 = time.time()
     tr_pooled, tr_grid, tr_caps = split("train")
     dev_pooled, dev_grid, dev_caps = split("dev")
-    mc = (MatcherConfig(**{**base.config.to_dict(), "regions": True}) if base is not None else
-          MatcherConfig(vocab_size=len(vocab), feature_dim=tr_pooled.size(1), regions=regions))
+    mc = (MatcherConfig(**{**base.config.to_dict(), "regions": True, "region_dim": region_dim}) if base is not None
+          else MatcherConfig(vocab_size=len(vocab), feature_dim=tr_pooled.size(1), regions=regions,
+                             region_dim=region_dim))
     m, log = train_matcher(tr_pooled, tr_caps, dev_pooled, [c[0] for c in dev_caps], mc, epochs=epochs,
                            batch_size=batch_size, seed=seed, progress=progress, grid=tr_grid, val_grid=dev_grid,
                            base=base)

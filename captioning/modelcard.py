@@ -117,9 +117,10 @@ def reproduce_command(model: str | Path, run: str | Path, name: str, beam_size: 
         added = mi.get("regions")  # a region head added to a trained matcher: its own record
 
         def train_cmd(rec: dict, regions: bool) -> str:
-            bs = rec.get("batch_size", 128)
+            bs, rd = rec.get("batch_size", 128), mi.get("config", {}).get("region_dim", 512)
             return (f"python -m captioning train-matcher --model {out}/best --epochs {rec.get('epochs', 30)}"
-                    + (f" --batch-size {bs}" if bs != 128 else "") + (" --regions" if regions else ""))
+                    + (f" --batch-size {bs}" if bs != 128 else "") + (" --regions" if regions else "")
+                    + (f" --region-dim {rd}" if regions and rd != 512 else ""))
 
         lines.append(train_cmd(mi, bool(mi.get("config", {}).get("regions")) and not added))
         if added:
@@ -261,8 +262,7 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
                     f"R@5 {r.get('R@5', 0):.3f}, R@10 {r.get('R@10', 0):.3f}); {rec.get('minutes')} min")
 
         scan = (f"each word matched to the grid cells it attends to, SCAN text-to-image (Lee et al. 2018), with its "
-                f"own bidirectional GRU over the matcher's word embeddings in a {mc.get('region_dim')}-d space and its "
-                f"own InfoNCE")
+                f"own word embeddings and bidirectional GRU in a {mc.get('region_dim')}-d space and its own InfoNCE")
         text = (f"- **Re-ranking**: " + (f"the {pool} best finished captions of beam {dec.get('beam_size', '?')} search "
                                          f"are re-ranked by their score + {w} × the "
                                          + ("similarity" if regions else "cosine") + " between photo and caption of "

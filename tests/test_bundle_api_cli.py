@@ -513,3 +513,21 @@ def test_bundle_decoding_default(tmp_path, decoder, vocab, encoder, images):
     zero = cap.caption(images, beam_size=3, nbest=3, length_penalty=0.0)
     assert [[c.score for c in r.captions] for r in zero] != [[c.score for c in r.captions] for r in plain]
     assert Captioner.from_pretrained([folder, folder], encoder=encoder).default_length_penalty == 0.0
+
+
+def test_shipped_models_load_and_fit_the_weight_budget():
+    """Every folder in assets/models loads (decoder and any matcher) from JSON + safetensors only,
+    and all shipped weights together stay within the 60 MB budget (issue 3)."""
+    from captioning.bundle import MODELS_DIR
+    from captioning.matcher import load_matcher
+
+    folders = sorted(p for p in MODELS_DIR.iterdir() if (p / CONFIG).is_file())
+    assert {p.name for p in folders} >= {"show_attend_tell", "show_tell", "merge"}
+    total = 0
+    for f in folders:
+        load_bundle(f)
+        load_matcher(f)
+        weights = [p for p in f.iterdir() if p.suffix not in (".json", ".md", ".csv")]
+        assert all(p.suffix == ".safetensors" for p in weights), weights
+        total += sum(p.stat().st_size for p in weights)
+    assert total <= 60e6, f"shipped weights {total / 1e6:.1f} MB"
