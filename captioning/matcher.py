@@ -290,7 +290,8 @@ def fit_matcher(model: str | Path, data: str | Path | None = None, features: str
     matcher.json beside the first training's. Otherwise both heads are trained together.
 
     Returns:
-        what matcher.json records besides the config: data, epochs run, best epoch, its dev recall.
+        this training's record in matcher.json: data, epochs run, batch size, best epoch, its dev
+        recall, minutes, the per-epoch log.
     """
     from .bundle import VOCAB, read_config
     from .data import load_dataset
