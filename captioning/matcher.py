@@ -60,6 +60,10 @@ class MatcherConfig:
     region_dim: int = 512  # the word-region space
     region_sharpness: float = 9.0  # SCAN's lambda_1: inverse temperature of a word's attention over cells
     region_temperature: float = 0.05  # InfoNCE temperature of the word-region similarity
+    # The GRUs read each caption's own words only (packed sequences). Matchers trained before this
+    # existed read the padding too, so a caption's score depended on the longest caption scored
+    # beside it; load_matcher keeps their behaviour (packed False) for the weights they learned.
+    packed: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,13 +101,22 @@ class Matcher(nn.Module):
     def text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (N, T) word ids, 0-padded, no <start>/<end> -> (N, D), unit length."""
         mask = (tokens != 0).float()  # (N, T)
-        h, _ = self.gru(self.embed(tokens))  # (N, T, 2D)
+        h = self._encode(self.gru, self.embed(tokens), tokens)  # (N, T, 2D)
         h = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (N, 2D) mean over words
         return F.normalize(self.text_proj(h), dim=-1)
 
+    def _encode(self, gru: nn.GRU, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """emb (N, T, E) of tokens (N, T) -> the bidirectional GRU's states (N, T, 2H), 0 at padding
+        when ``packed``."""
+        if not self.config.packed:
+            return gru(emb)[0]
+        lengths = (tokens != 0).sum(1).clamp(min=1).cpu()  # (N,) an empty caption reads one pad
+        h, _ = gru(nn.utils.rnn.pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False))
+        return nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=tokens.size(1))[0]
+
     def words(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (N, T) -> each word for the region head (N, T, R), unit length, and the mask (N, T)."""
-        h, _ = self.region_gru(self.region_embed(tokens))  # (N, T, 2R)
+        h = self._encode(self.region_gru, self.region_embed(tokens), tokens)  # (N, T, 2R)
         R = h.size(-1) // 2
         return F.normalize((h[..., :R] + h[..., R:]) / 2, dim=-1), (tokens != 0).float()  # the directions averaged, as SCAN
 
@@ -190,7 +203,7 @@ def load_matcher(folder: str | Path) -> Optional[Matcher]:
     if not cp.is_file() and not wp.is_file():
         return None
     try:
-        cfg = MatcherConfig(**json.loads(cp.read_text())["config"])
+        cfg = MatcherConfig(**{"packed": False, **json.loads(cp.read_text())["config"]})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{cp}: not a valid matcher config ({e})") from None
     m = Matcher(cfg)

@@ -208,7 +208,7 @@ def test_rerank_with_a_regions_matcher_reads_the_grid(tmp_path, vocab, encoder, 
     def as_before_regions() -> None:
         """Rewrite matcher.json without the fields regions added, as an older file has it."""
         cfg = json.loads((folder / MATCHER_CONFIG).read_text())
-        for k in ("regions", "region_dim", "region_sharpness", "region_temperature"):
+        for k in ("regions", "region_dim", "region_sharpness", "region_temperature", "packed"):
             del cfg["config"][k]
         (folder / MATCHER_CONFIG).write_text(json.dumps(cfg))
 
@@ -217,7 +217,33 @@ def test_rerank_with_a_regions_matcher_reads_the_grid(tmp_path, vocab, encoder, 
         load_matcher(folder)
     save_matcher(folder, Matcher(MatcherConfig(vocab_size=len(vocab), feature_dim=1280)))
     as_before_regions()
-    assert not load_matcher(folder).config.regions
+    old = load_matcher(folder)
+    assert not old.config.regions and not old.config.packed  # read as it was trained: padding included
+
+
+def test_a_captions_score_does_not_depend_on_the_others(vocab):
+    """A packed matcher reads each caption's own words: scored alone, padded to the length of a
+    longer caption beside it, or padded to max_tokens, a caption gets the same cosine and
+    word-region score. A matcher trained before packing (``packed=False``) read the padding, so
+    there the scores differ, which is why its weights keep that behaviour."""
+    short = vocab.encode(KINDS["red_square"][0], add_special=False)
+    long = vocab.encode(" ".join(KINDS["blue_circle"][:3]), add_special=False)
+    assert len(long) > len(short) + 3
+    pooled, grid = torch.randn(32), torch.randn(9, 32)
+    for packed in (True, False):
+        torch.manual_seed(0)
+        m = Matcher(MatcherConfig(vocab_size=len(vocab), feature_dim=32, embed_dim=16, joint_dim=32, regions=True,
+                                  region_dim=16, packed=packed)).eval()
+        alone = m.similarity(pooled, [short], grid)[0]
+        beside = m.similarity(pooled, [short, long], grid)[0]
+        with torch.no_grad():
+            padded = torch.zeros(1, m.config.max_tokens, dtype=torch.long)
+            padded[0, :len(short)] = torch.tensor(short)
+            full = m.scores(pooled[None], grid[None], padded)[0, 0]
+        if packed:
+            assert torch.allclose(alone, beside, atol=1e-6) and torch.allclose(alone, full, atol=1e-6)
+        else:
+            assert not torch.allclose(alone, beside, atol=1e-4)
 
 
 def test_rerank_pool_widens_the_candidates_not_the_beam(tmp_path, vocab, encoder, images):
