@@ -74,9 +74,10 @@ class ModelInfo:
     rerank_pool: int = 0  # how many finished captions re-ranking considers (0: the beam size)
 
     def rerank_candidates(self, beam: int) -> int:
-        """How many finished captions the matcher re-ranks at this beam size (Captioner's rule:
-        the bundle's pool, never fewer than the beam)."""
-        return max(int(beam), self.rerank_pool)
+        """How many finished captions the matcher re-ranks at this beam size."""
+        from captioning.decoding import rerank_candidates
+
+        return rerank_candidates(beam, self.rerank_pool)
 
     @property
     def key(self) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from .bundle import DEFAULT_MODEL, load_bundle
 from .decoders import Decoder
-from .decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, sample_decode
+from .decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, rerank_candidates, sample_decode
 from .encoders import Encoder, build_encoder, imagenet_classes
 from .images import ImageInput, Preprocessing, load_image, preprocess
 from .matcher import Matcher, load_matcher
@@ -199,7 +199,7 @@ class Captioner:
             rerank_pool = self.default_rerank_pool
         if rerank_pool < 0:
             raise ValueError(f"rerank_pool must be >= 0, got {rerank_pool}")
-        pool = max(nbest, beam_size, rerank_pool) if rerank else nbest
+        pool = rerank_candidates(beam_size, rerank_pool, nbest) if rerank else nbest
         common = dict(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk, ids=self.ids)
         if method == "beam":
             lat = Lattice() if return_lattice else None

@@ -57,6 +57,12 @@ def tree_map(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
     return tuple(tree_map(fn, y) for y in x)
 
 
+def rerank_candidates(beam_size: int, rerank_pool: int, nbest: int = 1) -> int:
+    """How many finished captions re-ranking chooses from: the pool asked for (0: none), never
+    fewer than the beam or the captions wanted. Captioner, the model card and the app share it."""
+    return max(int(nbest), int(beam_size), int(rerank_pool))
+
+
 class Ensemble(nn.Module):
     """Decoders that share a vocabulary, stepped together; their log-probabilities are
     averaged and renormalised (Show and Tell's COCO 2015 entry was an ensemble)."""

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from .bundle import MODELS_DIR, BundleError, load_bundle, read_config
+from .decoding import rerank_candidates
 from .encoders import grid_side
 from .matcher import MATCHER_CONFIG
 
@@ -251,8 +252,7 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
     if mp.is_file():
         mi = json.loads(mp.read_text())
         dec = cfg.get("decoding") or {}
-        # Captioner's rule: the recorded pool, never fewer than the beam.
-        w, pool = dec.get("rerank", 0.0), max(int(dec.get("rerank_pool", 0)), int(dec.get("beam_size", 0)))
+        w, pool = dec.get("rerank", 0.0), rerank_candidates(dec.get("beam_size", 0), dec.get("rerank_pool", 0))
         mc = mi.get("config", {})
         regions, added = bool(mc.get("regions")), mi.get("regions")
 
