@@ -298,9 +298,16 @@ def _seeded(seed: Optional[int]):
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        yield
+    # Captum draws GradientSHAP's points on the baseline-to-image line from numpy's global
+    # generator and the noise from torch's: seed both, and leave both as they were.
+    np_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            np.random.seed(int(seed) % 2 ** 32)
+            yield
+    finally:
+        np.random.set_state(np_state)
 
 
 def _options(method: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def _peak_cell(m: np.ndarray) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["grad_cam", "integrated_gradients", "occlusion"])
+@pytest.mark.parametrize("method", ["grad_cam", "integrated_gradients", "occlusion", "gradient_shap"])
 def test_colour_word_map_peaks_on_the_square(kind, method):
     # Toy encoder: feature cell (i, j) sees only pixel block (i, j); only the square carries the colour.
     # (SmoothGrad is left out: |gradient| measures sensitivity, not evidence, and on the pooled
@@ -153,6 +153,19 @@ def test_smoothgrad_is_seeded():
     a = attribute(cap, img, tokens, 1, "smoothgrad", nt_samples=4)
     b = attribute(cap, img, tokens, 1, "smoothgrad", nt_samples=4)
     np.testing.assert_array_equal(a.map, b.map)
+
+
+def test_gradient_shap_is_seeded():
+    cap, img, tokens = _case("show_attend_tell")
+    np.random.seed(123)
+    outside = np.random.random()
+    np.random.seed(123)
+    a = attribute(cap, img, tokens, 1, "gradient_shap", n_samples=4)
+    assert np.random.random() == outside, "the caller's numpy random stream must be left alone"
+    b = attribute(cap, img, tokens, 1, "gradient_shap", n_samples=4)
+    np.testing.assert_array_equal(a.map, b.map)
+    c = attribute(cap, img, tokens, 1, "gradient_shap", n_samples=4, seed=1)
+    assert not np.array_equal(a.map, c.map)
 
 
 def test_overlays_do_not_modify_inputs():

@@ -81,7 +81,8 @@ cols = st.columns(3)
 cols[0].image(cur.image, caption="photo", width="stretch")
 att = sv.attention_overlay(cur.image, out.attention, t)
 if att is not None:
-    cols[1].image(att, caption=f"attention for “{words[t]}”", width="stretch", clamp=True)
+    cols[1].image(att, caption=f"decoder attention for “{words[t]}” (its weights, not an explanation)",
+                  width="stretch", clamp=True)
 else:
     cols[1].info(f"{cur.model.title} has no attention: only the attribution map is shown.")
 name = sv.METHOD_TITLES.get(method, method)
@@ -95,6 +96,6 @@ try:
 except (sv.NotAvailable, ValueError) as e:
     cols[2].info(str(e))
 g = model.grid_side
-st.caption(f"Attention: the decoder's own weights over the {g}×{g} grid (not an explanation by itself). The attribution "
-           "map explains the word's log-probability given the photo and the words before it. More methods and a "
-           "faithfulness check are on the Explain page.")
+note = f"{sv.ATTENTION_NOTE} Its grid is {g}×{g}. " if att is not None else ""
+st.caption(f"{note}The attribution map explains the word's log-probability given the photo and the words before it. "
+           "More methods and a faithfulness check are on the Explain page.")

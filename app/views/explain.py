@@ -1,5 +1,7 @@
 """Explain page: a per-word overlay gallery for one method, every method side by side for one
-word with a deletion/insertion check against a random order, and the beam-search tree."""
+word with a deletion/insertion check against a random order, and the beam-search tree. The
+decoder's attention is offered beside the attribution methods but labelled as what it is, the
+decoder's weights, with its measured deletion score (``sv.ATTENTION_NOTE``)."""
 from __future__ import annotations
 
 import streamlit as st
@@ -54,10 +56,12 @@ if section == SECTIONS[0]:
                 st.info(str(e))
                 break
             cols[t % ncol].image(sv.overlay(cur.image, m), caption=f"{t + 1}. {w}", width="stretch", clamp=True)
+    if method == "attention":
+        st.caption(sv.ATTENTION_NOTE)
 
 elif section == SECTIONS[1]:
     t = st.selectbox("Word", list(range(len(words))), format_func=lambda i: labels[i], key=f"cmp-word-{key}")
-    default = [m for m in ("grad_cam", "attention", "integrated_gradients") if m in methods]
+    default = [m for m in ("grad_cam", "integrated_gradients") if m in methods]
     chosen = st.multiselect("Methods", methods, default=default, format_func=lambda m: title(m, m), key="cmp_methods")
     maps = {}
     if chosen:
@@ -95,6 +99,8 @@ elif section == SECTIONS[1]:
             else:
                 st.success(f"Every map beats the random order for “{words[t]}”.")
             st.plotly_chart(sv.faithfulness_figure(res), key=f"faith-{key}-{t}")
+    if "attention" in maps:
+        st.caption(sv.ATTENTION_NOTE)
 
 else:
     if out.lattice is None:
