@@ -1,4 +1,15 @@
-"""The public API: ``Captioner.from_pretrained(path).caption(images)``."""
+"""The public API: ``Captioner.from_pretrained(path).caption(images)``.
+
+What it raises, all ValueError subclasses with a one-line message fit to show a user:
+  * ``BundleError`` (captioning.bundle) from ``from_pretrained``: a model folder that cannot be
+    loaded (missing, truncated or hostile files, wrong types, vocabulary and weights that do not
+    match); the message names the file at fault.
+  * ``ImageError`` (captioning.images) from ``caption``, ``pixels``, ``classify`` and ``load``: an
+    image that cannot be decoded, whatever the decoder raised inside; the message names the file.
+  * ``ValueError`` for settings out of range (``nbest > beam_size``, an unknown ``method``, ...).
+``caption`` on a list raises for the first bad image; to keep going past bad images, caption
+them one at a time (as the command line does).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +19,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .bundle import DEFAULT_MODEL, load_bundle
+from .bundle import DEFAULT_MODEL, BundleError, load_bundle
 from .decoders import Decoder
 from .decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, rerank_candidates, sample_decode
 from .encoders import Encoder, build_encoder, imagenet_classes
@@ -108,15 +119,17 @@ class Captioner:
     def from_pretrained(cls, path: Union[str, Path, Sequence[Union[str, Path]], None] = None,
                         encoder: Optional[Encoder] = None) -> "Captioner":
         """Load a bundle folder (default: the shipped default model). A list of folders makes
-        an ensemble; its members must share encoder, preprocessing and vocabulary."""
+        an ensemble; its members must share encoder, preprocessing and vocabulary.
+
+        Raises BundleError (one line, naming the file) for a folder that cannot be loaded."""
         paths = [DEFAULT_MODEL] if path is None else ([path] if isinstance(path, (str, Path)) else list(path))
         loaded = [load_bundle(p) for p in paths]
         dec0, vocab, cfg = loaded[0]
         for p, (_, v, c) in zip(paths[1:], loaded[1:]):
             if v.itos != vocab.itos:
-                raise ValueError(f"{p}: vocabulary differs from {paths[0]}; an ensemble needs one vocabulary")
+                raise BundleError(f"{p}: vocabulary differs from {paths[0]}; an ensemble needs one vocabulary")
             if c["encoder"] != cfg["encoder"] or c["preprocessing"] != cfg["preprocessing"]:
-                raise ValueError(f"{p}: encoder or preprocessing differs from {paths[0]}")
+                raise BundleError(f"{p}: encoder or preprocessing differs from {paths[0]}")
         enc = encoder or build_encoder(cfg["encoder"]["name"])
         decoder = dec0 if len(loaded) == 1 else Ensemble([d for d, _, _ in loaded])
         # An ensemble's beams are not re-ranked: its members' matchers could disagree.
@@ -124,10 +137,11 @@ class Captioner:
         return cls(enc, decoder, vocab, Preprocessing.from_dict(cfg["preprocessing"]), cfg, matcher)
 
     def load(self, image: ImageInput):
+        """An image as upright RGB; raises ImageError (one line, naming it) if it cannot be decoded."""
         return load_image(image)
 
     def pixels(self, images: Iterable[ImageInput]) -> torch.Tensor:
-        """Images -> normalised batch (B, 3, S, S)."""
+        """Images -> normalised batch (B, 3, S, S). Raises ImageError for the first bad image."""
         return torch.stack([preprocess(load_image(im), self.prep) for im in images])
 
     @torch.no_grad()
@@ -165,7 +179,12 @@ class Captioner:
                 beams were searched (the live beams are the same whatever the pool). None is the
                 bundle's ``default_rerank_pool``.
         Returns:
-            One CaptionResult per image, in order. Raises ImageError for an unreadable image.
+            One CaptionResult per image, in order.
+        Raises:
+            ImageError: an image that cannot be decoded (any failure inside the decoder, named
+                and in one line); with a list, the first bad image stops the whole call.
+            ValueError: settings out of range (nbest > beam_size, unknown method, rerank
+                without a matcher, negative rerank_pool).
         """
         if isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and not isinstance(images, (list, tuple)):
             images = [images]

@@ -15,7 +15,14 @@ from .bundle import DEFAULT_MODEL, BundleError
 
 
 def _err(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+    """An unexpected exception as one line: its type (the message alone can be just '0') and message."""
+    text = " ".join(str(e).strip("'\"").split())
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def cmd_caption(a: argparse.Namespace) -> int:
@@ -31,6 +38,16 @@ def cmd_caption(a: argparse.Namespace) -> int:
     if not inputs:
         _err("give IMAGE files, --sample NAME or --samples")
         return 2
+    # Settings are checked once, before any image: a bad one is the command's error, not each image's.
+    if a.beam < 1 or a.nbest < 1:
+        _err(f"--beam and --nbest must be at least 1 (got {a.beam} and {a.nbest})")
+        return 2
+    if a.nbest > a.beam and a.beam > 1:
+        _err(f"--nbest ({a.nbest}) cannot exceed --beam ({a.beam})")
+        return 2
+    if a.rerank_pool is not None and a.rerank_pool < 0:
+        _err(f"rerank_pool must be >= 0, got {a.rerank_pool} (--rerank-pool)")
+        return 2
     cap = Captioner.from_pretrained(a.model)
     if a.rerank and cap.matcher is None:
         _err(f"{a.model or DEFAULT_MODEL}: --rerank needs a matcher in the model folder (python -m captioning train-matcher)")
@@ -38,15 +55,21 @@ def cmd_caption(a: argparse.Namespace) -> int:
     results, failed = [], 0
     for item in inputs:
         path = item[0] if isinstance(item, tuple) else item
+        # Each image is isolated at every stage (reading the sample, decoding, encoding,
+        # decoding the caption): whatever one image raises costs that image its caption, not
+        # the others theirs.
         try:
             src = load_sample(item[1]) if isinstance(item, tuple) else item
             r = cap.caption(src, beam_size=a.beam, nbest=a.nbest, length_penalty=a.length_penalty,
                             method="greedy" if a.beam == 1 else "beam", rerank=a.rerank,
                             rerank_pool=a.rerank_pool)[0]
-        except ImageError as e:
-            _err(str(e))
+        except Exception as e:  # noqa: BLE001 (KeyboardInterrupt still stops the run)
+            msg = str(e) if isinstance(e, ImageError) else _one_line(e)
+            if str(path) not in msg:
+                msg = f"{path}: {msg}"
+            _err(msg)
             failed += 1
-            results.append({"image": path, "error": str(e)})
+            results.append({"image": path, "error": msg})
             continue
         results.append({"image": path, "captions": [
             {"text": c.text, "logprob": round(c.logprob, 4), "score": round(c.score, 4), "finished": c.finished}
@@ -270,3 +293,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = str(e).strip("'\"") or type(e).__name__
         _err(msg.splitlines()[0])
         return 2
+    except Exception as e:  # noqa: BLE001 (the promise is one line, never a traceback)
+        _err(_one_line(e))
+        return 1

@@ -6,6 +6,7 @@ the same plain resize: cropping would show the model a framing it never saw in t
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,8 +44,26 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(size=int(d["size"]), resize=str(d.get("resize", "stretch")),
-                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+        """Raises ValueError (one line) for a section of the wrong shape or types: it comes from
+        a model's config.json, and a bad one must fail here, not as a tensor error mid-caption."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing must be an object, got {type(d).__name__}")
+        size = d.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
+            raise ValueError(f"preprocessing size must be an integer from 8 to 4096, got {size!r:.40}")
+        resize = d.get("resize", "stretch")
+        if resize != "stretch":
+            raise ValueError(f"preprocessing resize {resize!r:.40} is not supported (only 'stretch')")
+        stats = {}
+        for key in ("mean", "std"):
+            v = d.get(key)
+            ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            if not ok or (key == "std" and min(v) <= 0):
+                raise ValueError(f"preprocessing {key} must be three finite numbers"
+                                 f"{' above 0' if key == 'std' else ''}, got {v!r:.60}")
+            stats[key] = tuple(float(x) for x in v)
+        return cls(size=size, resize=resize, mean=stats["mean"], std=stats["std"])
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -68,46 +87,83 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _source_name(src: ImageInput) -> str:
+    if isinstance(src, (str, Path)):
+        return str(src)
+    return getattr(src, "filename", None) or "image"
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as a short one-line reason: plugin messages can be long or multi-line."""
+    text = " ".join(str(e).split())
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image from a path, raw bytes or a PIL image and return it as upright RGB.
 
     Handles EXIF orientation, grayscale, palette, alpha, CMYK and 16-bit images, and the
-    first frame of animations. Raises ImageError (one line) for anything unusable.
+    first frame of animations.
+
+    Raises:
+        ImageError (a ValueError): for anything that does not give a usable RGB image: a
+            missing or empty file, a format Pillow cannot read, too many pixels, and *any*
+            exception raised while decoding (Pillow's plugins raise IndexError, TypeError,
+            struct.error, ... on corrupt files). The message is one line and names the file.
+        Nothing else, except KeyboardInterrupt and similar BaseExceptions.
     """
-    name = getattr(src, "filename", None) or (str(src) if isinstance(src, (str, Path)) else "image")
+    name = _source_name(src)
+    opened = None
     try:
-        if isinstance(src, Image.Image):
-            im = src
-        elif isinstance(src, (bytes, bytearray)):
-            if len(src) == 0:
-                raise ImageError("the file is empty")
-            im = Image.open(io.BytesIO(bytes(src)))
-        else:
-            p = Path(src)
-            if not p.is_file():
-                raise ImageError(f"{p}: no such file")
-            if p.stat().st_size == 0:
-                raise ImageError(f"{p}: the file is empty")
-            im = Image.open(p)
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,} pixels")
-        if w < 1 or h < 1:
-            raise ImageError(f"{name}: the image has no pixels")
-        if getattr(im, "n_frames", 1) > 1:
-            im.seek(0)
+        # Pillow warns (and some plugins print) about damaged metadata; the outcome is what counts.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-        return _to_rgb(im)
+            if isinstance(src, Image.Image):
+                im = src
+            elif isinstance(src, (bytes, bytearray, memoryview)):
+                if len(src) == 0:
+                    raise ImageError("the file is empty")
+                im = opened = Image.open(io.BytesIO(bytes(src)))
+            elif isinstance(src, (str, Path)):
+                p = Path(src)
+                if not p.is_file():
+                    raise ImageError(f"{p}: no such file")
+                if p.stat().st_size == 0:
+                    raise ImageError(f"{p}: the file is empty")
+                im = opened = Image.open(p)
+            else:
+                raise ImageError(f"{name}: expected a path, bytes or a PIL image, got {type(src).__name__}")
+            return _decode(im, name, max_pixels)
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"{name}: cannot decode the image ({msg})") from None
+    # The decode boundary: whatever a plugin raises on a corrupt file (IndexError while counting
+    # GIF frames, TypeError from a TIFF without dimensions, struct.error, MemoryError, ...) is the
+    # file's fault, and callers must be able to rely on ImageError alone.
+    except Exception as e:
+        raise ImageError(f"{name}: cannot decode the image ({_reason(e)})") from None
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+def _decode(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
+    """Checks on the header, then the pixels: a loaded, upright RGB copy of ``im``."""
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,} pixels")
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: the image has no pixels")
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    im.load()
+    out = _to_rgb(ImageOps.exif_transpose(im) or im)
+    # The checks after decoding: what the model is given must be what the header promised.
+    if out.mode != "RGB" or out.width < 1 or out.height < 1 or out.width * out.height > max_pixels:
+        raise ImageError(f"{name}: decoding gave a {out.mode} image of {out.width}x{out.height} pixels")
+    return out  # a new image (convert copies): closing the opened file cannot touch it
 
 
 def preprocess(image: Image.Image, prep: Preprocessing = Preprocessing()) -> torch.Tensor:

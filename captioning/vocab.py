@@ -80,12 +80,26 @@ class Vocab:
         Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocab":
-        d = json.loads(Path(path).read_text())
+    def from_json(cls, d: object) -> "Vocab":
+        """Inverse of to_json. Raises ValueError (one line) for anything but {"itos": [the four
+        specials, then distinct non-empty strings]}: the file may come from anyone."""
+        if not isinstance(d, dict) or not isinstance(d.get("itos"), list):
+            raise ValueError('expected an object with an "itos" list of words')
         itos = d["itos"]
-        if list(itos[:4]) != list(SPECIALS):
-            raise ValueError(f"{path}: vocabulary does not start with {SPECIALS}")
+        if itos[:4] != list(SPECIALS):
+            raise ValueError(f"vocabulary does not start with {SPECIALS}")
+        bad = next((w for w in itos if not isinstance(w, str) or not w or w != w.strip()), None)
+        if bad is not None or any(isinstance(w, str) and w in SPECIALS for w in itos[4:]):
+            raise ValueError(f"every word must be a distinct non-empty string without surrounding "
+                             f"spaces, got {bad!r:.40}")
         return cls(itos[4:])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocab":
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _is_punct(t: str) -> bool:

@@ -482,19 +482,88 @@ def test_cli_corrupt_model(bundle_copy, images, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and WEIGHTS in err
 
 
-def test_cli_subprocess(bundle, images, bad_image, tmp_path):
-    """The real entry point: exit code, one JSON document on stdout, one line on stderr."""
+@pytest.fixture(scope="module")
+def fails_inside_decoding(tmp_path_factory) -> list[Path]:
+    """Files whose header reads fine and whose decoding fails: a half-cut JPEG, a PNG cut in its
+    pixel data, and the corrupt GIF the fuzzer found (IndexError inside Pillow's GIF reader)."""
+    import io
+
+    d = tmp_path_factory.mktemp("inside")
+    a = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    out = []
+    for fmt, name in (("JPEG", "half.jpg"), ("PNG", "cut.png")):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, fmt)
+        data = buf.getvalue()[: len(buf.getvalue()) // 2]
+        Image.open(io.BytesIO(data)).size  # the header alone is fine
+        (d / name).write_bytes(data)
+        out.append(d / name)
+    gif = d / "bad.gif"
+    gif.write_bytes((Path(__file__).parent / "data" / "crashes" / "gif_n_frames_indexerror.gif").read_bytes())
+    out.append(gif)
+    return out
+
+
+def test_cli_subprocess(bundle, images, bad_image, fails_inside_decoding, tmp_path):
+    """The real entry point: exit code, one JSON document on stdout, one line on stderr per bad
+    file, and every good file captioned whatever comes before or after it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    p = subprocess.run([sys.executable, "-m", "captioning", "caption", str(images[2]), str(bad_image),
+    bad_gif, half_jpg, cut_png = fails_inside_decoding[2], fails_inside_decoding[0], fails_inside_decoding[1]
+    order = [bad_gif, images[2], bad_image, half_jpg, images[0], cut_png]
+    p = subprocess.run([sys.executable, "-m", "captioning", "caption", *map(str, order),
                         "--model", str(bundle), "--json"], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)
     assert p.returncode == 1, p.stderr
-    doc = json.loads(p.stdout)
-    assert doc["results"][0]["captions"][0]["text"]
-    assert "broken.jpg" in doc["results"][1]["error"]
     assert "Traceback" not in p.stderr
+    doc = json.loads(p.stdout)
+    res = {r["image"]: r for r in doc["results"]}
+    assert [r["image"] for r in doc["results"]] == [str(x) for x in order]
+    for good in (images[2], images[0]):
+        assert res[str(good)]["captions"][0]["text"]
+    for bad in (bad_gif, bad_image, half_jpg, cut_png):
+        assert bad.name in res[str(bad)]["error"] and "captions" not in res[str(bad)]
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert len(lines) == 4 and all(ln.startswith("error: ") for ln in lines), p.stderr
+    assert [next(b.name for b in (bad_gif, bad_image, half_jpg, cut_png) if b.name in ln) for ln in lines] == \
+        ["bad.gif", "broken.jpg", "half.jpg", "cut.png"]
+    assert "IndexError" in lines[0]  # the reason travels with the file name
+
+
+def test_cli_text_mode_goes_on_after_bad_files(bundle, images, fails_inside_decoding, capsys):
+    rc = main(["caption", str(fails_inside_decoding[2]), str(images[1]), str(fails_inside_decoding[0]),
+               str(images[3]), "--model", str(bundle)])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert [ln.split("\t")[0] for ln in out.strip().splitlines()] == [str(images[1]), str(images[3])]
+    assert len(err.strip().splitlines()) == 2 and "Traceback" not in err
+
+
+def test_cli_isolates_failures_after_decoding(bundle, images, capsys, monkeypatch):
+    """A failure at a later stage (encoder, beam search) for one image costs only that image."""
+    real = Captioner.caption_features
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA out of memory\n(pretend)")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Captioner, "caption_features", flaky)
+    rc = main(["caption", *map(str, images[:3]), "--model", str(bundle), "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    res = json.loads(out)["results"]
+    assert "captions" in res[0] and "captions" in res[2]
+    assert "RuntimeError" in res[1]["error"] and str(images[1]) in res[1]["error"]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(images[1]) in lines[0] and "out of memory (pretend)" in lines[0]
+
+
+def test_cli_bad_settings_fail_once_before_any_image(bundle, images, capsys):
+    rc = main(["caption", *map(str, images[:3]), "--model", str(bundle), "--beam", "2", "--nbest", "3"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "--nbest" in err
 
 
 def test_bundle_decoding_default(tmp_path, decoder, vocab, encoder, images):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +294,113 @@ def test_preprocess_accepts_non_rgb():
     x = preprocess(Image.new("L", (30, 30), 255))
     assert x.shape == (3, 224, 224)
     assert torch.allclose(x, preprocess(Image.new("RGB", (30, 30), WHITE)))
+
+
+# --- the decode boundary: whatever a plugin raises becomes ImageError ---------------------------
+
+CRASHES = Path(__file__).resolve().parent / "data" / "crashes"
+
+
+@pytest.mark.parametrize("name, raised", [
+    ("gif_n_frames_indexerror.gif", "IndexError"),  # GifImagePlugin.n_frames reads past the end
+    ("gif_struct_error.gif", "error"),  # struct.error from a cut frame header
+    ("tiff_missing_dimensions.tif", "TypeError"),  # "Missing dimensions" from TiffImagePlugin._setup
+])
+def test_fuzzer_crashes_are_image_errors(tmp_path, name, raised):
+    """Inputs the mutation fuzzer found escaping as plugin exceptions (issue 21)."""
+    data = (CRASHES / name).read_bytes()
+    # The input still makes Pillow itself raise that exception: the regression is real.
+    with pytest.raises(Exception) as plain:
+        im = Image.open(io.BytesIO(data))
+        getattr(im, "n_frames", 1)
+        im.load()
+    assert type(plain.value).__name__ == raised
+    p = tmp_path / name
+    p.write_bytes(data)
+    for src in (p, data):
+        with pytest.raises(ImageError) as e:
+            load_image(src)
+        assert_one_line_error(e, "cannot decode", raised)
+    assert name in str(pytest.raises(ImageError, load_image, p).value)
+
+
+@pytest.mark.parametrize("exc", [IndexError("index out of range"), TypeError("Missing dimensions"),
+                                 ZeroDivisionError(), KeyError("tag"), MemoryError(), RecursionError("deep")])
+def test_any_exception_while_decoding_is_an_image_error(tmp_path, monkeypatch, exc):
+    """The boundary is generic, not a list of known exception types."""
+    p = tmp_path / "fine.png"
+    Image.new("RGB", (8, 8), RED).save(p)
+
+    def broken_load(self):
+        raise exc
+
+    monkeypatch.setattr(Image.Image, "load", broken_load)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", broken_load)
+    with pytest.raises(ImageError) as e:
+        load_image(p)
+    assert_one_line_error(e, "fine.png", type(exc).__name__)
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_multi_line_plugin_messages_become_one_line(tmp_path, monkeypatch):
+    p = tmp_path / "fine.png"
+    Image.new("RGB", (8, 8), RED).save(p)
+
+    def broken_load(self):
+        raise OSError("first line\nsecond line\r\n" + "x" * 1000)
+
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", broken_load)
+    with pytest.raises(ImageError) as e:
+        load_image(p)
+    msg = assert_one_line_error(e, "fine.png", "first line second line")
+    assert len(msg) < 300
+
+
+def test_keyboard_interrupt_is_not_swallowed(tmp_path, monkeypatch):
+    p = tmp_path / "fine.png"
+    Image.new("RGB", (8, 8), RED).save(p)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_image(p)
+
+
+def test_wrong_input_type_is_an_image_error():
+    with pytest.raises(ImageError) as e:
+        load_image(12345)  # type: ignore[arg-type]
+    assert_one_line_error(e, "int")
+
+
+def test_file_is_closed_after_a_failure(tmp_path):
+    """A public demo decodes thousands of uploads: a failed decode must not leak its file."""
+    import os
+
+    p = tmp_path / "cut.gif"
+    p.write_bytes((CRASHES / "gif_n_frames_indexerror.gif").read_bytes())
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = fds()
+    for _ in range(20):
+        with pytest.raises(ImageError):
+            load_image(p)
+    assert fds() <= before
+
+
+@pytest.mark.parametrize("section, words", [
+    ({"size": "224", "mean": [0.5] * 3, "std": [0.5] * 3}, "size"),
+    ({"size": 10 ** 9, "mean": [0.5] * 3, "std": [0.5] * 3}, "size"),
+    ({"size": True, "mean": [0.5] * 3, "std": [0.5] * 3}, "size"),
+    ({"size": 224, "mean": [0.5] * 2, "std": [0.5] * 3}, "mean"),
+    ({"size": 224, "mean": "abc", "std": [0.5] * 3}, "mean"),
+    ({"size": 224, "mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]}, "std"),
+    ({"size": 224, "mean": [0.5] * 3, "std": [0.5, float("nan"), 0.5]}, "std"),
+    ({"size": 224, "resize": "crop", "mean": [0.5] * 3, "std": [0.5] * 3}, "resize"),
+    ([224], "object"),
+])
+def test_preprocessing_section_of_wrong_types(section, words):
+    with pytest.raises(ValueError) as e:
+        Preprocessing.from_dict(section)
+    assert_one_line_error(e, words)
+    assert Preprocessing.from_dict(Preprocessing(size=288).to_dict()) == Preprocessing(size=288)
