@@ -505,8 +505,9 @@ def methods_for(captioner) -> list[str]:
     return [m for m in attribution.METHODS if m != "attention" or has_att]
 
 
-METHOD_TITLES = {"grad_cam": "Grad-CAM (HiResCAM)", "integrated_gradients": "Integrated Gradients", "smoothgrad": "SmoothGrad",
-                 "gradient_shap": "GradientSHAP", "occlusion": "Occlusion", "attention": "Decoder attention (weights)"}
+METHOD_TITLES = {"grad_cam": "Grad-CAM (HiResCAM)", "integrated_gradients": "Integrated Gradients",
+                 "smoothgrad": "SmoothGrad (sensitivity)", "gradient_shap": "GradientSHAP", "occlusion": "Occlusion",
+                 "attention": "Decoder attention (weights)"}
 #: Attention is where the decoder looked, not why it said the word (Jain & Wallace 2019), and on the
 #: shipped default it barely beats a random order at deleting the word, so the app shows it as the
 #: decoder's weights with that measured score. Deletion AUC / random-order deletion AUC, measured
@@ -516,11 +517,30 @@ ATTENTION_NOTE = ("Decoder attention is the decoder's own weights over the image
                   "word: over {words} Flickr8k test words of the default model, deleting pixels in its order lowers "
                   "the word's probability with a deletion area {attention:.2f}× a random order's (Grad-CAM "
                   "{grad_cam:.2f}×; lower is better).").format(**ATTENTION_SCORE)
+#: SmoothGrad's |gradient| map is mostly the frozen encoder's sensitivity: re-initialising the
+#: decoder barely changes it (Adebayo et al. 2018's check; Spearman of the two maps, mean over the
+#: words in docs/faithfulness.md, at the app's settings).
+SMOOTHGRAD_SCORE = {"smoothgrad": 0.87, "grad_cam": 0.13, "words": 29}
+SMOOTHGRAD_NOTE = ("SmoothGrad shows how sensitive the word is to each pixel, not evidence for it, and fails the "
+                   "model-randomisation check (Adebayo et al. 2018): with the decoder's weights re-initialised its "
+                   "map keeps a rank correlation of {smoothgrad:.2f} with the trained model's (mean over {words} "
+                   "Flickr8k test words; Grad-CAM {grad_cam:.2f}). It is not an explanation.").format(**SMOOTHGRAD_SCORE)
+#: Maps the app offers for comparison but never as an explanation, with what to say about them.
+NOT_EXPLANATIONS = {"attention": ATTENTION_NOTE, "smoothgrad": SMOOTHGRAD_NOTE}
+
+
+def explanation_methods(captioner) -> list[str]:
+    """The attribution methods the app offers as explanations (tested against random deletion and
+    weight randomisation on the shipped default, tests/test_explain_faithfulness.py)."""
+    return [m for m in methods_for(captioner) if m not in NOT_EXPLANATIONS]
+
+
 #: Cheaper settings than the library defaults, so a CPU answers in seconds.
 FAST_OPTIONS: dict[str, dict[str, Any]] = {
     "integrated_gradients": {"n_steps": 16},
     "smoothgrad": {"nt_samples": 8},
-    "gradient_shap": {"n_samples": 8},
+    # 8 samples deleted at 0.87x random over 24 test words, 32 at 0.79x (docs/faithfulness.md).
+    "gradient_shap": {"n_samples": 32},
     "occlusion": {"window": 32, "stride": 32},
 }
 
@@ -712,87 +732,172 @@ def feature_vis(captioner, layer: str, channel: int, steps: int = 64, size: int 
 
 # --------------------------------------------------------------------------- embeddings
 
+PROJECTION_NAMES = {"tsne": "t-SNE", "pca": "PCA", "umap": "UMAP"}
+
+
 @dataclass
 class Projection:
-    """2-D coordinates of the vocabulary for one method ("tsne" or "pca")."""
+    """2-D coordinates of the vocabulary for one method ("tsne", "pca" or "umap")."""
 
-    words: list[str]
+    words: list[str]  # in vocabulary order: most frequent first
     xy: np.ndarray  # (N, 2)
     method: str
     note: str = ""
 
 
-def embedding_space(captioner):
+def embedding_spaces(captioner, model_path: Optional[str] = None) -> tuple[list[str], str]:
+    """(the spaces this model has, its default: the best-measured one)."""
+    return (_need("embeddings", "available_spaces")(captioner.decoder, model_path),
+            _need("embeddings", "default_space")(captioner.decoder, model_path))
+
+
+def space_about(name: str) -> str:
+    return str(_need("embeddings", "SPACES").get(name, name))
+
+
+def embedding_space(captioner, space: Optional[str] = None, model_path: Optional[str] = None):
     fn = _need("embeddings", "embedding_space")
-    return fn(captioner.decoder, captioner.vocab)
-
-
-def embedding_projections(captioner, model_path: Optional[str] = None) -> dict[str, Projection]:
-    """The model's word embeddings in 2-D, {"tsne": ..., "pca": ...}. A ``projection.json``
-    shipped in the bundle is used when it matches the weights; otherwise both are computed here
-    (t-SNE takes seconds to a minute) and kept in memory only: the app never writes into a
-    model folder."""
-    space = embedding_space(captioner)
     with COMPUTE_LOCK:
+        return fn(captioner.decoder, captioner.vocab, space, model_path)
+
+
+def embedding_projections(captioner, model_path: Optional[str] = None, space: Optional[str] = None,
+                          umap: bool = False) -> dict[str, Projection]:
+    """One space's words in 2-D, {"tsne", "pca"} and "umap" when the bundle has it or ``umap``
+    asks for it (and umap-learn is there). The bundle's ``projection.<space>.json`` is used when
+    it matches the weights; otherwise they are computed here (seconds to a minute) and kept in
+    memory only: the app never writes into a model folder."""
+    sp = embedding_space(captioner, space, model_path)
+    with COMPUTE_LOCK:
+        proj = None
         if model_path is not None:
-            proj = _need("embeddings", "bundle_projection")(model_path, space, save=False)
-        else:
-            proj = _need("embeddings", "project")(space)
+            proj = _need("embeddings", "load_projection")(model_path, sp.fingerprint(), sp.name)
+        if proj is None or (umap and proj.umap is None):
+            proj = _need("embeddings", "project")(sp, umap=umap)
     ev = list(getattr(proj, "explained_variance", []) or [])
-    return {
+    out = {
         "tsne": Projection(list(proj.words), np.asarray(proj.tsne, dtype=np.float32), "tsne",
                            f"t-SNE, cosine distance, perplexity {proj.perplexity:g}, seed {proj.seed}"),
         "pca": Projection(list(proj.words), np.asarray(proj.pca, dtype=np.float32), "pca",
                           "PCA" + (": explained variance " + ", ".join(f"{v:.1%}" for v in ev[:2]) if ev else "")),
     }
+    if getattr(proj, "umap", None) is not None:
+        out["umap"] = Projection(list(proj.words), np.asarray(proj.umap, dtype=np.float32), "umap",
+                                 f"UMAP, cosine distance, 15 neighbours, seed {proj.seed}")
+    return out
 
 
-def search_words(captioner, query: str, limit: int = 20) -> list[str]:
-    return list(_need("embeddings", "search")(embedding_space(captioner), query, limit))
+def embedding_quality(model_path: Optional[str]) -> list[dict[str, Any]]:
+    """The bundle's measured neighbourhood quality per space (``embeddings.json``), as table rows."""
+    info = _need("embeddings", "read_embeddings_info")(model_path) if model_path else None
+    rows = []
+    for name, t in ((info or {}).get("spaces") or {}).items():
+        c = t.get("categories", {})
+        rho = lambda b: (f"{t[b]['rho']:.2f} ({t[b]['pairs']} pairs)" if t.get(b, {}).get("rho") is not None
+                         else "—")
+        rows.append({"space": name + (" (default)" if name == info.get("default") else ""),
+                     f"category P@{c.get('k', 5)} (judged)": round(float(c.get("judged", float("nan"))), 3),
+                     "chance": round(float(c.get("judged_chance", float("nan"))), 3),
+                     f"P@{c.get('k', 5)} (whole vocabulary)": round(float(c.get("all", float("nan"))), 3),
+                     "WordSim-353 ρ": rho("wordsim353"), "SimLex-999 ρ": rho("simlex999")})
+    return rows
 
 
-def nearest_words(captioner, word: str, k: int = 10) -> list[tuple[str, float]]:
+@lru_cache(maxsize=1)
+def word_categories() -> dict[str, str]:
+    """word -> category from the project's word lists (empty if the file is missing)."""
+    try:
+        cats = _need("wordsim", "load_categories")()
+    except (NotAvailable, OSError, ValueError):
+        return {}
+    return {w: c for c, ws in cats.items() for w in ws}
+
+
+def word_clusters(captioner, space: Optional[str], model_path: Optional[str], n: int = 12) -> dict[str, int]:
+    """word -> k-means cluster (cosine: on unit vectors; seeded), for colouring a map by structure."""
+    from sklearn.cluster import KMeans
+
+    sp = embedding_space(captioner, space, model_path)
+    with COMPUTE_LOCK:
+        lab = KMeans(n_clusters=min(n, len(sp.words)), n_init=4, random_state=0).fit_predict(sp.unit)
+    return {w: int(c) for w, c in zip(sp.words, lab)}
+
+
+def search_words(captioner, query: str, limit: int = 20, space: Optional[str] = None,
+                 model_path: Optional[str] = None) -> list[str]:
+    return list(_need("embeddings", "search")(embedding_space(captioner, space, model_path), query, limit))
+
+
+def nearest_words(captioner, word: str, k: int = 10, space: Optional[str] = None,
+                  model_path: Optional[str] = None) -> list[tuple[str, float]]:
     """[(word, cosine similarity)] most similar first (the word itself excluded).
     Raises KeyError (explain's UnknownWord, with spelling suggestions) for a word not in the vocabulary."""
     fn = _need("embeddings", "nearest")
-    return [(str(w), float(s)) for w, s in fn(embedding_space(captioner), word, k, include_self=False)]
+    return [(str(w), float(s)) for w, s in fn(embedding_space(captioner, space, model_path), word, k, include_self=False)]
 
 
 def embedding_figure(proj: Projection, highlight: Sequence[str] = (), focus: Optional[str] = None,
-                     neighbours: Sequence[str] = ()):
-    """Scatter of the projected words: hover shows the word; the caption's words red and
-    labelled; with ``focus`` the view zooms to that word and labels its ``neighbours``."""
+                     neighbours: Sequence[str] = (), colour: Optional[dict[str, Any]] = None, top_n: int = 0,
+                     labels: int = 40):
+    """Scatter of the projected words: hover shows the word; ``colour`` (word -> category or
+    cluster) colours the points; the ``labels`` most frequent words are written on the map;
+    ``top_n`` keeps only the most frequent words (0: all); the caption's words red and labelled;
+    with ``focus`` the view zooms to that word and labels its ``neighbours``. Every point carries
+    its word as customdata, so a click can select it."""
     import plotly.graph_objects as go
 
     hl, nb = set(highlight), set(neighbours) - set(highlight) - {focus}
+    keep = len(proj.words) if top_n <= 0 else min(top_n, len(proj.words))
+    shown = set(proj.words[:keep]) | hl | nb | ({focus} if focus else set())
     xy = proj.xy
     index = {w: i for i, w in enumerate(proj.words)}
-    base = [i for i, w in enumerate(proj.words) if w not in hl and w not in nb]
+    base = [i for i, w in enumerate(proj.words) if w in shown and w not in hl and w not in nb]
     fig = go.Figure()
-    fig.add_trace(go.Scattergl(x=xy[base, 0], y=xy[base, 1], mode="markers", name="vocabulary",
-                               text=[proj.words[i] for i in base], hovertemplate="%{text}<extra></extra>",
-                               marker=dict(size=5, color="#7f9fbf", opacity=0.6)))
-    for name, words, color, size in (("nearest neighbours", nb, "#2ca02c", 8), ("caption words", hl, "#d62728", 11)):
+    groups: dict[str, list[int]] = {}
+    for i in base:
+        g = (colour or {}).get(proj.words[i])
+        groups.setdefault("other" if g is None else str(g), []).append(i)
+    palette = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79",
+               "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363",
+               "#9c9ede", "#cedb9c", "#e7969c"]
+    names = sorted(g for g in groups if g != "other") + (["other"] if "other" in groups else [])
+    for j, g in enumerate(names):
+        idx = groups[g]
+        grey = g == "other" or colour is None
+        fig.add_trace(go.Scattergl(
+            x=xy[idx, 0], y=xy[idx, 1], mode="markers",
+            name=("vocabulary" if colour is None else ("not in a word list" if g == "other" else g)),
+            text=[proj.words[i] for i in idx], customdata=[proj.words[i] for i in idx],
+            hovertemplate="%{text}<extra>" + ("" if grey else g) + "</extra>",
+            marker=dict(size=5 if grey else 7, color="#a8b8c8" if grey else palette[j % len(palette)],
+                        opacity=0.45 if grey else 0.85)))
+    top = [i for i in range(min(labels, keep)) if proj.words[i] not in hl and proj.words[i] not in nb]
+    if top:
+        fig.add_trace(go.Scatter(x=xy[top, 0], y=xy[top, 1], mode="text", name="most frequent words",
+                                 text=[proj.words[i] for i in top], textfont=dict(size=10, color="#333"),
+                                 hoverinfo="skip", showlegend=False))
+    for name, words, color, size in (("nearest neighbours", nb, "#2ca02c", 9), ("caption words", hl, "#d62728", 11)):
         idx = [index[w] for w in words if w in index]
         if idx:
             fig.add_trace(go.Scatter(x=xy[idx, 0], y=xy[idx, 1], mode="markers+text", name=name,
-                                     text=[proj.words[i] for i in idx], textposition="top center",
-                                     hovertemplate="%{text}<extra></extra>", marker=dict(size=size, color=color)))
+                                     text=[proj.words[i] for i in idx], customdata=[proj.words[i] for i in idx],
+                                     textposition="top center", hovertemplate="%{text}<extra></extra>",
+                                     marker=dict(size=size, color=color)))
     if focus is not None and focus in index:
         i = index[focus]
         x, y = float(xy[i, 0]), float(xy[i, 1])
         pts = [xy[index[w]] for w in nb if w in index]
         reach = max([abs(float(p[0]) - x) for p in pts] + [abs(float(p[1]) - y) for p in pts] + [0.0])
         span = max(1.15 * reach, 0.05 * float(max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1]), 1e-6)))
-        fig.add_trace(go.Scatter(x=[x], y=[y], mode="markers+text", name=f"search: {focus}", text=[focus],
-                                 textposition="bottom center", hovertemplate="%{text}<extra></extra>",
+        fig.add_trace(go.Scatter(x=[x], y=[y], mode="markers+text", name=f"selected: {focus}", text=[focus],
+                                 customdata=[focus], textposition="bottom center", hovertemplate="%{text}<extra></extra>",
                                  textfont=dict(size=14), marker=dict(size=18, color="rgba(0,0,0,0)",
                                                                       line=dict(color="black", width=2))))
         fig.update_xaxes(range=[x - span, x + span])
         fig.update_yaxes(range=[y - span, y + span])
-    title = {"tsne": "t-SNE", "pca": "PCA"}.get(proj.method, proj.method)
-    fig.update_layout(height=560, margin=dict(l=10, r=10, t=30, b=10), title=f"{title} of the word embeddings",
-                      legend=dict(orientation="h"))
+    title = PROJECTION_NAMES.get(proj.method, proj.method)
+    fig.update_layout(height=600, margin=dict(l=10, r=10, t=30, b=10), title=f"{title} of the word embeddings",
+                      legend=dict(orientation="h"), clickmode="event+select", dragmode="pan")
     return fig
 
 

@@ -89,18 +89,28 @@ def feature_vis(encoder_name: str, layer: str, channel: int, steps: int, model_k
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def projections(model_key: str, path: str, _model) -> dict:
-    return sv.embedding_projections(_model, path)
+def spaces(model_key: str, path: str, _model) -> tuple[list[str], str]:
+    return sv.embedding_spaces(_model, path)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def projections(model_key: str, path: str, space: str, umap: bool, _model) -> dict:
+    return sv.embedding_projections(_model, path, space, umap)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def clusters(model_key: str, path: str, space: str, _model) -> dict:
+    return sv.word_clusters(_model, space, path)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def word_search(model_key: str, query: str, _model) -> list[str]:
-    return sv.search_words(_model, query)
+def word_search(model_key: str, query: str, _model, space: str | None = None, path: str | None = None) -> list[str]:
+    return sv.search_words(_model, query, space=space, model_path=path)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def neighbours(model_key: str, word: str, k: int, _model):
-    return sv.nearest_words(_model, word, k)
+def neighbours(model_key: str, word: str, k: int, _model, space: str | None = None, path: str | None = None):
+    return sv.nearest_words(_model, word, k, space=space, model_path=path)
 
 
 @st.cache_data(show_spinner=False, ttl=60)

@@ -118,7 +118,8 @@ def read_safetensors_header(path: str | Path, max_bytes: int = MAX_WEIGHTS_BYTES
         if not isinstance(t, dict):
             raise _weights_error(path, bad)
         dtype, shape, offs = t.get("dtype"), t.get("shape"), t.get("data_offsets")
-        if dtype not in _ITEMSIZE or not isinstance(shape, list) or not isinstance(offs, list) or len(offs) != 2:
+        if (not isinstance(dtype, str) or dtype not in _ITEMSIZE or not isinstance(shape, list)
+                or not isinstance(offs, list) or len(offs) != 2):
             raise _weights_error(path, bad)
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape + offs):
             raise _weights_error(path, bad)
@@ -208,7 +209,8 @@ def save_bundle(folder: str | Path, decoder: Decoder, vocab: Vocab, encoder: str
     try:
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
         vocab.save(tmp / VOCAB)
-        sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in decoder.state_dict().items()}
+        # clone: tied weights (tie_weights) share memory, which safetensors refuses to write
+        sd = {k: (v.half() if half and v.is_floating_point() else v).detach().clone() for k, v in decoder.state_dict().items()}
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
         # Keep files that are not ours (metrics.json, model card, curves) across re-saves.
         if folder.is_dir():

@@ -28,6 +28,15 @@ class Decoder(nn.Module):
     config: "DecoderConfig"
     has_attention: bool = False
 
+    def _tie_if_asked(self) -> None:
+        """With ``config.tie_weights`` the output layer shares ``embed.weight`` (V, E)."""
+        if not self.config.tie_weights:
+            return
+        if self.fc.weight.shape != self.embed.weight.shape:
+            raise ValueError(f"tie_weights needs the output layer to read {self.embed.weight.shape[1]} features "
+                             f"(embed_dim) but it reads {self.fc.weight.shape[1]}; make them equal")
+        self.fc.weight = self.embed.weight
+
     def start(self, grid: torch.Tensor, pooled: torch.Tensor) -> tuple[State, State]:
         """(B, P, C), (B, C) -> (initial state, per-image features for ``step``)."""
         raise NotImplementedError
@@ -78,6 +87,10 @@ class DecoderConfig:
     embed_dim: int = 512
     hidden_dim: int = 512
     dropout: float = 0.5
+    # Press & Wolf 2017 ("Using the Output Embedding to Improve Language Models") and Inan et
+    # al. 2017: the softmax layer reuses the input embedding matrix, so one matrix is trained
+    # by both the words read and the words predicted.
+    tie_weights: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +122,7 @@ class ShowTell(Decoder):
         self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_dim, batch_first=True)
         self.drop = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        self._tie_if_asked()
 
     def start(self, grid, pooled):
         v = self.drop(pooled)  # (B, C)
@@ -151,6 +165,7 @@ class Merge(Decoder):
         self.merge = nn.Linear(rnn_out + cfg.merge_dim, cfg.merge_dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(cfg.merge_dim, cfg.vocab_size)
+        self._tie_if_asked()
 
     def _predict(self, rnn_out: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
         # rnn_out (..., H'), img broadcastable (..., M) -> logprobs (..., V)
@@ -223,6 +238,7 @@ class ShowAttendTell(Decoder):
             self.out_h = nn.Linear(H, E)
             self.out_z = nn.Linear(C, E)
         self.fc = nn.Linear(E if cfg.deep_output else H, cfg.vocab_size)
+        self._tie_if_asked()
 
     def start(self, grid, pooled):
         mean = grid.mean(1)  # (B, C)

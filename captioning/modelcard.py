@@ -87,7 +87,8 @@ def _train_command(tc: dict, out: str) -> str:
             f"--lr-patience {tc['lr_patience']} --patience {tc['patience']}{size}"
             + (f" --flip-prob {tc['flip_prob']}" if tc.get("flip_prob") else "")
             + (f" --feature-dropout {tc['feature_dropout']}" if tc.get("feature_dropout") else "")
-            + (" --deep-output" if tc.get("deep_output") else ""))
+            + (" --deep-output" if tc.get("deep_output") else "")
+            + (" --tie-weights" if tc.get("tie_weights") else ""))
 
 
 def _teacher(training: dict) -> tuple[dict, list[str]]:

@@ -72,6 +72,7 @@ class TrainConfig:
     hidden_dim: int = 512
     attention_dim: int = 512
     deep_output: bool = False  # show_attend_tell: predict from h, context and previous word (Xu et al. eq. 7)
+    tie_weights: bool = False  # the output layer shares the input embedding (Press & Wolf 2017)
     merge_dim: int = 512
     bidirectional: bool = False
     alpha_c: float = 1.0  # doubly stochastic attention weight (show_attend_tell)
@@ -101,7 +102,7 @@ class TrainConfig:
 
 def decoder_config(cfg: TrainConfig, vocab_size: int, feature_dim: int) -> dict:
     d = dict(vocab_size=vocab_size, feature_dim=feature_dim, embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
-             dropout=cfg.dropout)
+             dropout=cfg.dropout, tie_weights=cfg.tie_weights)
     if cfg.decoder == "show_attend_tell":
         d.update(attention_dim=cfg.attention_dim, deep_output=cfg.deep_output)
     if cfg.decoder == "merge":
@@ -243,7 +244,7 @@ def validate(decoder: Decoder, cache: FeatureCache, ds: CaptionDataset, images: 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
     """Write the whole training state to ``folder`` atomically (temp folder, then rename)."""
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}  # clone: tied weights share memory
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         st = opt.state.get(p, {})

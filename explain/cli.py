@@ -1,5 +1,10 @@
-"""Command line: ``python -m explain faithfulness --model DIR --data DIR --split test --limit N --method M``
-and ``python -m explain project --model DIR`` (write the embedding projection into a bundle).
+"""Command line:
+
+* ``python -m explain faithfulness --model DIR --data DIR --split test --limit N --method M``
+* ``python -m explain embeddings --model DIR`` (train word2vec, measure every embedding space,
+  record the default and save the projections in the bundle)
+* ``python -m explain neighbours WORD... [--model DIR] [--space NAME] [-k 10] [--json]``
+* ``python -m explain project --model DIR`` (only the projections)
 
 For each of the first N images of a split the model captions the image (beam search), and
 for the caption's words (by default up to 3 content words) each method's map is scored by
@@ -138,29 +143,113 @@ def cmd_faithfulness(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_project(a: argparse.Namespace) -> int:
-    from captioning.bundle import load_bundle
-
-    from .embeddings import bundle_projection, embedding_space
-
+def _model_dir(a: argparse.Namespace) -> Path:
     model = Path(a.model) if a.model else default_model()
     if model is None:
         raise ValueError("no --model given and assets/models/show_attend_tell does not exist; pass --model DIR")
-    decoder, vocab, _ = load_bundle(model)
-    t0 = time.perf_counter()
-    proj = bundle_projection(model, embedding_space(decoder, vocab), recompute=True, save=True, seed=a.seed,
-                             perplexity=a.perplexity)
-    secs = round(time.perf_counter() - t0, 2)
-    from .embeddings import load_projection
+    return model
 
-    if load_projection(model, proj.fingerprint) is None:
-        raise OSError(f"{model}: could not write projection.json (read-only folder?)")
-    path = model / "projection.json"
+
+def cmd_project(a: argparse.Namespace) -> int:
+    from captioning.bundle import load_bundle
+
+    from .embeddings import bundle_projection, load_projection, model_spaces, projection_path
+
+    model = _model_dir(a)
+    decoder, vocab, _ = load_bundle(model)
+    out = []
+    for name, space in model_spaces(decoder, vocab, model).items():
+        t0 = time.perf_counter()
+        proj = bundle_projection(model, space, recompute=True, save=True, seed=a.seed, perplexity=a.perplexity,
+                                 umap=not a.no_umap)
+        if load_projection(model, proj.fingerprint, name) is None:
+            raise OSError(f"{model}: could not write {projection_path(model, name).name} (read-only folder?)")
+        out.append({"space": name, "path": str(projection_path(model, name)), "words": len(proj.words),
+                    "seconds": round(time.perf_counter() - t0, 2), "fingerprint": proj.fingerprint})
     if a.json:
-        print(json.dumps({"path": str(path), "words": len(proj.words), "seconds": secs, "fingerprint": proj.fingerprint}))
+        print(json.dumps(out[0] if len(out) == 1 else out))
     else:
-        print(f"{path}: {len(proj.words)} words (t-SNE + PCA) in {secs} s")
+        for o in out:
+            print(f"{o['path']}: {o['words']} words ({o['space']}: t-SNE, PCA{'' if a.no_umap else ', UMAP'}) "
+                  f"in {o['seconds']} s")
     return 0
+
+
+def cmd_embeddings(a: argparse.Namespace) -> int:
+    """Train word2vec on the training captions, score every space, record the best as the default."""
+    from captioning.bundle import load_bundle
+    from captioning.data import load_dataset
+    from captioning.vocab import SPECIALS, tokenize
+
+    from .embeddings import (SPACES, Word2VecConfig, bundle_projection, model_spaces, save_word2vec, train_word2vec,
+                             write_embeddings_info)
+    from .wordsim import CATEGORIES_PATH, load_categories, measure
+
+    model = _model_dir(a)
+    decoder, vocab, _ = load_bundle(model)
+    if not a.no_word2vec:
+        ds = load_dataset(a.data)
+        images = ds.split("train")
+        sentences = [tokenize(c) for im in images for c in ds.captions[im]]
+        words = [w for w in vocab.itos if w not in SPECIALS]
+        cfg = Word2VecConfig(seed=a.seed)
+        t0 = time.perf_counter()
+        vec = train_word2vec(sentences, words, cfg)
+        save_word2vec(model, words, vec, cfg, {"data": str(ds.image_dir.parent.name), "split": "train",
+                                               "images": len(images), "sentences": len(sentences)})
+        print(f"word2vec: {len(words)} words x {cfg.dim} from {len(sentences)} training captions "
+              f"in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    cats = load_categories()
+    spaces = model_spaces(decoder, vocab, model)
+    table = {name: measure(sp, cats, a.k) for name, sp in spaces.items()}
+    best = max(table, key=lambda n: table[n]["categories"]["judged"])
+    write_embeddings_info(model, {
+        "format": "captioning-embeddings", "version": 1, "default": best,
+        "rule": f"the space with the highest judged category precision@{a.k}",
+        "categories": CATEGORIES_PATH.name, "spaces": {n: {"about": SPACES[n], **table[n]} for n in table}})
+    if not a.no_project:
+        for sp in spaces.values():
+            bundle_projection(model, sp, recompute=True, seed=a.seed)
+    if a.json:
+        print(json.dumps({"model": str(model), "default": best, "spaces": table}))
+    else:
+        print(f"{model}: default space {best}")
+        print(f"{'space':10s} {'P@' + str(a.k) + ' judged':>12s} {'chance':>7s} {'P@' + str(a.k) + ' all':>9s} "
+              f"{'chance':>7s} {'WS-353 rho':>11s} {'SimLex rho':>11s}")
+        for n, t in table.items():
+            c = t["categories"]
+            ws, sl = t["wordsim353"], t["simlex999"]
+            fmt = lambda b: f"{b['rho']:.3f} ({b['pairs']})" if b["rho"] is not None else f"- ({b['pairs']})"
+            print(f"{n:10s} {c['judged']:12.3f} {c['judged_chance']:7.3f} {c['all']:9.3f} {c['all_chance']:7.3f} "
+                  f"{fmt(ws):>11s} {fmt(sl):>11s}")
+    return 0
+
+
+def cmd_neighbours(a: argparse.Namespace) -> int:
+    """Nearest neighbours of each word; an unknown word gets its one line (with spelling
+    suggestions) and exit status 1, the other words are still answered."""
+    from captioning.bundle import load_bundle
+
+    from .embeddings import UnknownWord, embedding_space, nearest
+
+    model = _model_dir(a)
+    decoder, vocab, _ = load_bundle(model)
+    space = embedding_space(decoder, vocab, a.space, model)
+    results, status = {}, 0
+    for word in a.words:
+        try:
+            results[word] = nearest(space, word, a.k, include_self=False)
+        except UnknownWord as e:
+            _err(str(e))
+            status = 1
+    if a.json:
+        print(json.dumps({"model": str(model), "space": space.name, "k": a.k,
+                          "neighbours": {w: [{"word": n, "cosine": round(c, 4)} for n, c in nn]
+                                         for w, nn in results.items()}}))
+    else:
+        for w, nn in results.items():
+            print(f"{w} ({space.name}): " + ", ".join(f"{n} {c:.2f}" for n, c in nn))
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,12 +275,30 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--progress", action="store_true", help="one line per image on stderr")
     f.add_argument("--json", action="store_true", help="print one JSON document")
     f.set_defaults(fn=cmd_faithfulness)
-    p = sub.add_parser("project", help="compute the word-embedding projection and save projection.json in the bundle")
+    p = sub.add_parser("project", help="compute the word-embedding projections of every space and save them in the bundle")
     p.add_argument("--model", default=None, help="model bundle folder (default: assets/models/show_attend_tell)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--no-umap", action="store_true", help="t-SNE and PCA only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_project)
+    e = sub.add_parser("embeddings", help="train word2vec, measure every embedding space, record the default, "
+                                          "save projections (all into the bundle)")
+    e.add_argument("--model", default=None, help="model bundle folder (default: assets/models/show_attend_tell)")
+    e.add_argument("--data", default=None, help="dataset whose train split word2vec reads (default: ../shared/data/flickr8k)")
+    e.add_argument("-k", type=_positive, default=5, help="neighbours scored per word (default 5)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-word2vec", action="store_true", help="keep the bundle's word2vec files as they are")
+    e.add_argument("--no-project", action="store_true", help="skip the projections")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_embeddings)
+    n = sub.add_parser("neighbours", aliases=["neighbors"], help="nearest neighbours of words in an embedding space")
+    n.add_argument("words", nargs="+", metavar="WORD")
+    n.add_argument("--model", default=None, help="model bundle folder (default: assets/models/show_attend_tell)")
+    n.add_argument("--space", default=None, help="output, input, tied or word2vec (default: the model's best-measured)")
+    n.add_argument("-k", type=_positive, default=10)
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(fn=cmd_neighbours)
     return ap
 
 

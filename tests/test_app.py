@@ -399,7 +399,8 @@ def test_caption_page_sample(models):
     # Another attribution method for the selected word.
     assert at.selectbox(key="caption_method").value == "grad_cam"
     assert "attention" not in at.selectbox(key="caption_method").options
-    at.selectbox(key="caption_method").set_value("smoothgrad").run()
+    assert "smoothgrad" not in at.selectbox(key="caption_method").options  # fails the randomisation check
+    at.selectbox(key="caption_method").set_value("integrated_gradients").run()
     no_exceptions(at)
     assert len(at.image) == 4 and not at.info
     assert not at.error
@@ -483,11 +484,16 @@ def test_explain_page(models):
     no_exceptions(at)
     assert at.selectbox(key="gallery_method").value == "grad_cam"
     assert len(at.image) == n_words  # the Grad-CAM gallery: one overlay per word
-    assert not any(sv.ATTENTION_NOTE in c.value for c in at.caption)
+    assert not any(note in c.value for c in at.caption for note in sv.NOT_EXPLANATIONS.values())
     at.selectbox(key="gallery_method").set_value("attention").run()
     no_exceptions(at)
     assert len(at.image) == n_words
     assert any(sv.ATTENTION_NOTE in c.value for c in at.caption)
+    assert not any(sv.SMOOTHGRAD_NOTE in c.value for c in at.caption)
+    at.selectbox(key="gallery_method").set_value("smoothgrad").run()
+    no_exceptions(at)
+    assert len(at.image) == n_words
+    assert any(sv.SMOOTHGRAD_NOTE in c.value for c in at.caption)
     # Side by side: cheap methods first, with the deletion/insertion check.
     at.session_state["cmp_methods"] = ["grad_cam", "attention"]
     at.segmented_control(key="explain_section").set_value("Methods side by side").run()
@@ -586,16 +592,47 @@ def test_encoder_page(models):
     assert len(vis) == 1 and any(f"({src}," in vis[0] for src in ("computed", "memory", "disk")), captions
 
 
+def _reference_neighbours(folder: Path, word: str, space: str, k: int) -> list[str]:
+    """Independent of explain.embeddings: cosine in float64 over the bundle's raw weights
+    (output: softmax rows centred over the non-special words; input: the embedding)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    w = (sd["fc.weight"] if space == "output" else sd["embed.weight"]).double().numpy()[4:]
+    if space == "output":
+        w = w - w.mean(0)
+    words = _vocab_words()
+    u = w / np.linalg.norm(w, axis=1, keepdims=True)
+    i = words.index(word)
+    sims = u @ u[i]
+    sims[i] = -np.inf
+    return [words[j] for j in np.argsort(-sims, kind="stable")[:k]]
+
+
+def _vocab_words() -> list[str]:
+    return Vocab(WORDS).itos[4:]
+
+
 def test_embeddings_page(models):
     at = app()
     at.switch_page("views/embeddings.py").run()
     no_exceptions(at)
     assert len(at.get("plotly_chart")) == 1
+    assert at.selectbox(key="emb_space").options == ["output (default: best measured)", "input"]
     at.text_input(key="emb_query").set_value("dog").run()
     no_exceptions(at)
     assert any("Nearest neighbours of “dog”" in s.value for s in at.subheader)
     nn = at.dataframe[0].value
     assert len(nn) == 10 and "dog" not in list(nn["word"]) and nn["cosine similarity"].is_monotonic_decreasing
+    # the ranking is the nearest by cosine in the chosen space, checked against an independent computation
+    assert list(nn["word"]) == _reference_neighbours(models / "show_attend_tell", "dog", "output", 10)
+    every = [m.value for m in at.markdown if m.value.startswith("“dog” in every space") or "(default)" in m.value]
+    assert every, "the same word's neighbours in every space"
+    at.selectbox(key="emb_space").set_value("input").run()
+    no_exceptions(at)
+    nn_in = at.dataframe[0].value
+    assert list(nn_in["word"]) == _reference_neighbours(models / "show_attend_tell", "dog", "input", 10)
+    assert list(nn_in["word"]) != list(nn["word"])
     at.text_input(key="emb_query").set_value("dgo").run()  # misspelt: closest words offered
     no_exceptions(at)
     assert "dog" in at.selectbox(key="emb_pick").options
@@ -604,6 +641,12 @@ def test_embeddings_page(models):
     assert any("not in the vocabulary" in w.value for w in at.warning)
     at.radio(key="emb_method").set_value("pca").run()
     no_exceptions(at)
+    at.radio(key="emb_colour").set_value("cluster").run()
+    no_exceptions(at)
+    at.select_slider(key="emb_top").set_value(100).run()
+    no_exceptions(at)
+    # the untrained test bundle has no embeddings.json: the page says how to measure it
+    assert any("python -m explain embeddings" in i.value for i in at.info)
 
 
 def test_model_page(models):
@@ -627,7 +670,7 @@ def test_missing_explain_functions_show_a_note(models, monkeypatch):
     import explain.encoder
 
     monkeypatch.delattr(explain.beam, "beam_tree")
-    monkeypatch.delattr(explain.embeddings, "bundle_projection")
+    monkeypatch.delattr(explain.embeddings, "load_projection")
     monkeypatch.delattr(explain.encoder, "layer_info")
     import streamlit as st
 

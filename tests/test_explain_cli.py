@@ -113,9 +113,10 @@ def test_project_writes_projection_into_the_bundle(tmp_path, capsys):
     vocab = Vocab([f"w{i}" for i in range(30)])
     save_bundle(tmp_path / "m", build_decoder("merge", {"vocab_size": len(vocab), "embed_dim": 8, "hidden_dim": 8,
                                                           "merge_dim": 8}), vocab, "efficientnet-lite0")
-    assert main(["project", "--model", str(tmp_path / "m"), "--perplexity", "5", "--json"]) == 0
+    assert main(["project", "--model", str(tmp_path / "m"), "--perplexity", "5", "--json", "--no-umap"]) == 0
     info = json.loads(capsys.readouterr().out)
-    proj = load_projection(tmp_path / "m")
-    assert proj is not None and len(proj.words) == 30 == info["words"]
+    assert [i["space"] for i in info] == ["output", "input"]  # every space of the model
+    proj = load_projection(tmp_path / "m", space="output")
+    assert proj is not None and len(proj.words) == 30 == info[0]["words"]
     shutil.rmtree(tmp_path / "m")
     assert main(["project", "--model", str(tmp_path / "m")]) == 2
