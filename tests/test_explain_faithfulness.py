@@ -103,6 +103,90 @@ def test_model_randomisation_changes_the_map_and_leaves_the_model_alone():
         model_randomisation(cap, img, tokens, 1, target="everything")
 
 
+def test_block_scores_rejects_either_side_off_the_grid():
+    for shape in ((224, 230), (230, 224)):
+        with pytest.raises(ValueError, match="multiple of the block size"):
+            block_scores(np.zeros(shape), 16)
+
+
+def test_map_order_breaks_ties_by_its_seed():
+    flat = np.zeros((224, 224))
+    a, b = map_order(flat, 16, seed=4), map_order(flat, 16, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, map_order(flat, 16, seed=5))
+    assert not np.array_equal(a, np.arange(196))  # a flat map is not removed top-left first
+
+
+def test_deletion_insertion_uses_its_seed_and_substrates():
+    """Against the curves built by hand from the same pieces, with non-default settings, so that
+    a setting that is dropped on the way (and falls back to its default) shows."""
+    cap, img, tokens = _case()
+    sal = np.random.default_rng(2).random((224, 224))
+    r = deletion_insertion(cap, img, tokens, 1, sal, block=32, steps=6, seed=3, deletion_substrate="mean",
+                           insertion_substrate="black")
+    scorer = word_scorer(cap, tokens, 1)
+    x = cap.pixels([img])
+    expect = {
+        "deletion": perturbation_curve(scorer, x, map_order(sal, 32, 3), "deletion", 32, 6, "mean"),
+        "insertion": perturbation_curve(scorer, x, map_order(sal, 32, 3), "insertion", 32, 6, "black"),
+        "random_deletion": perturbation_curve(scorer, x, random_order(49, 3), "deletion", 32, 6, "mean"),
+        "random_insertion": perturbation_curve(scorer, x, random_order(49, 3), "insertion", 32, 6, "black"),
+    }
+    for name, c in expect.items():
+        got = getattr(r, name)
+        np.testing.assert_allclose(got.probs, c.probs, atol=1e-6, err_msg=name)
+        assert got.kind == c.kind and got.order == ("random" if name.startswith("random") else "map"), name
+    assert r.word == "red"
+    assert r.summary() == {"deletion_auc": r.deletion.auc, "insertion_auc": r.insertion.auc,
+                           "random_deletion_auc": r.random_deletion.auc,
+                           "random_insertion_auc": r.random_insertion.auc}
+    with pytest.raises(ValueError, match="saliency map must be 224x224"):
+        deletion_insertion(cap, img, tokens, 1, np.zeros((7, 7)))
+
+
+def test_model_randomisation_randomises_only_its_target(monkeypatch):
+    import explain.faithfulness as F
+
+    cap, img, tokens = _case()
+    seen = []
+    real = F.randomise_weights
+
+    def spy(module, seed=0):
+        seen.append(module)
+        return real(module, seed)
+
+    monkeypatch.setattr(F, "randomise_weights", spy)
+    for target, expect in (("decoder", [cap.decoder]), ("encoder", [cap.encoder]),
+                           ("both", [cap.encoder, cap.decoder])):
+        seen.clear()
+        res = model_randomisation(cap, img, tokens, 1, "grad_cam", target=target)
+        assert seen == expect, target
+        assert res.target == target and res.method == "grad_cam" and res.metadata["word"] == "red"
+
+
+def test_model_randomisation_spearman_is_of_the_pooled_maps():
+    """Recomputed independently: 4x4 block means of both maps, then scipy's rank correlation;
+    the options reach both the original and the randomised map."""
+    from scipy.stats import spearmanr
+
+    cap, img, tokens = _case()
+    res = model_randomisation(cap, img, tokens, 1, "integrated_gradients", n_steps=4)
+    a = attribute(cap, img, tokens, 1, "integrated_gradients", n_steps=4)
+    np.testing.assert_array_equal(res.original, a.map)
+
+    def pool(m):
+        return m.reshape(56, 4, 56, 4).mean((1, 3)).ravel()
+
+    p, q = pool(res.original), pool(res.randomised)
+    assert res.spearman == pytest.approx(spearmanr(p, q).statistic, abs=1e-6)
+    assert res.spearman_abs == pytest.approx(spearmanr(np.abs(p), np.abs(q)).statistic, abs=1e-6)
+    full = model_randomisation(cap, img, tokens, 1, "integrated_gradients", downsample=1, n_steps=4)
+    assert full.spearman == pytest.approx(spearmanr(full.original.ravel(), full.randomised.ravel()).statistic,
+                                          abs=1e-6)
+    n8 = model_randomisation(cap, img, tokens, 1, "integrated_gradients", n_steps=8)
+    assert not np.allclose(n8.randomised, res.randomised), "n_steps must reach the randomised map too"
+
+
 @pytest.mark.parametrize("method", ["integrated_gradients", "smoothgrad", "gradient_shap", "occlusion", "grad_cam",
                                     "attention"])
 def test_every_map_changes_when_the_toy_decoder_is_randomised(method):
@@ -129,11 +213,19 @@ def _data_dir() -> Path | None:
     return None
 
 
+#: The app's explanation methods must delete the word with at most this share of a random order's
+#: deletion AUC (mean over the fixed words below). A random map scores about 1.
+MARGIN = 0.85
+#: ...and keep less than this Spearman correlation (mean over the words) with their map under
+#: re-initialised decoder weights, raw and of absolute values (Adebayo et al. 2018).
+RANDOMISED_SPEARMAN, RANDOMISED_SPEARMAN_ABS = 0.4, 0.6
+
+
 @pytest.fixture(scope="module")
-def trained_deletion_aucs() -> dict[str, float]:
-    """Mean deletion AUC over 24 words (12 test images x 2 content words) of the shipped model:
-    Grad-CAM order, random order (mean of 3 seeded orders per word), least-salient-first.
-    Single words vary a lot (AUC 0.02 to 0.7), so fewer words make this a coin toss."""
+def shipped_words():
+    """The shipped default and its fixed test words: the first 12 Flickr8k test images, each
+    captioned as shipped, and the first 2 content words of each caption (24 words), as
+    (pixels (1, 3, S, S), caption tokens, word index, word)."""
     if _trained_model() is None:
         pytest.skip("needs a trained bundle: assets/models/show_attend_tell")
     if _data_dir() is None:
@@ -145,21 +237,46 @@ def trained_deletion_aucs() -> dict[str, float]:
 
     cap = Captioner.from_pretrained(_trained_model())
     ds = load_dataset(_data_dir())
-    cam, rnd, inv = [], [], []
+    words = []
     for name in ds.split("test")[:12]:
         x = preprocess(load_image(ds.path(name)), cap.prep)[None]
         res = cap.caption_features(*cap.encode(x))[0]
-        cams = grad_cam_all_words(cap, x, res.tokens, include_end=False)
-        for t in pick_words(res.words, "content", 2):
-            scorer = word_scorer(cap, res.tokens, t)
+        words += [(x, res.tokens, t, res.words[t]) for t in pick_words(res.words, "content", 2)]
+    return cap, words
 
-            def deletion(order):
-                return perturbation_curve(scorer, x, order, "deletion", steps=10).auc
 
-            cam.append(deletion(map_order(cams[t].map)))
-            inv.append(deletion(map_order(-cams[t].map)))  # least salient first
-            rnd.append(np.mean([deletion(random_order((x.size(-1) // 16) ** 2, seed=s)) for s in range(3)]))
-    out = {"grad_cam": float(np.mean(cam)), "random": float(np.mean(rnd)), "least_salient_first": float(np.mean(inv))}
+def _deletion(cap, x, tokens, t, order) -> float:
+    return perturbation_curve(word_scorer(cap, tokens, t), x, order, "deletion", steps=10).auc
+
+
+def _random_deletion(cap, x, tokens, t) -> float:
+    """Mean deletion AUC of 3 seeded random block orders: one order alone is noisy."""
+    return float(np.mean([_deletion(cap, x, tokens, t, random_order((x.size(-1) // 16) ** 2, seed=s))
+                          for s in range(3)]))
+
+
+@pytest.fixture(scope="module")
+def random_deletion_aucs(shipped_words) -> list[float]:
+    cap, words = shipped_words
+    return [_random_deletion(cap, x, tokens, t) for x, tokens, t, _ in words]
+
+
+@pytest.fixture(scope="module")
+def trained_deletion_aucs(shipped_words, random_deletion_aucs) -> dict[str, float]:
+    """Mean deletion AUC over 24 words (12 test images x 2 content words) of the shipped model:
+    Grad-CAM order, random order (mean of 3 seeded orders per word), least-salient-first.
+    Single words vary a lot (AUC 0.02 to 0.7), so fewer words make this a coin toss."""
+    cap, words = shipped_words
+    cam, inv, cams = [], [], {}
+    for x, tokens, t, _ in words:
+        key = (id(x), tuple(tokens))
+        if key not in cams:
+            cams[key] = grad_cam_all_words(cap, x, tokens, include_end=False)
+        m = cams[key][t].map
+        cam.append(_deletion(cap, x, tokens, t, map_order(m)))
+        inv.append(_deletion(cap, x, tokens, t, map_order(-m)))  # least salient first
+    out = {"grad_cam": float(np.mean(cam)), "random": float(np.mean(random_deletion_aucs)),
+           "least_salient_first": float(np.mean(inv))}
     print(f"deletion AUC over {len(cam)} words: {out}")
     return out
 
@@ -176,3 +293,56 @@ def test_grad_cam_deletion_auc_below_random_on_trained_model(trained_deletion_au
     # Grad-CAM on the 7x7 grid is no better than random here (0.265 vs 0.264 on these words).
     a = trained_deletion_aucs
     assert a["grad_cam"] < a["random"], a
+    assert a["grad_cam"] <= MARGIN * a["random"], a
+
+
+def _app_methods(cap) -> list[str]:
+    from app import services as sv
+
+    methods = sv.explanation_methods(cap)
+    assert {"integrated_gradients", "gradient_shap", "occlusion", "grad_cam"} <= set(methods), methods
+    return methods
+
+
+def _app_map(cap, x, tokens, t, method) -> np.ndarray:
+    """The map the app shows: its own options (app.services.FAST_OPTIONS)."""
+    from app import services as sv
+
+    return attribute(cap, x, tokens, t, method, **sv.FAST_OPTIONS.get(method, {})).map
+
+
+@pytest.mark.slow
+def test_every_app_explanation_beats_random_deletion_on_the_shipped_model(shipped_words, random_deletion_aucs):
+    """Every method the app offers as an explanation, at the app's settings, over the first 16 of
+    the fixed words (8 images): mean deletion AUC at most MARGIN x the random orders'.
+    Measured (this machine, torch 2.14.1): IG 0.82x, GradientSHAP (32 samples) 0.79x on 24 words,
+    occlusion 0.77x, Grad-CAM 0.71x; SmoothGrad 0.86x and attention 0.91x are not offered as
+    explanations (see the randomisation test and docs/faithfulness.md)."""
+    cap, words = shipped_words
+    n = 16
+    rnd = float(np.mean(random_deletion_aucs[:n]))
+    ratios = {}
+    for method in _app_methods(cap):
+        aucs = [_deletion(cap, x, tokens, t, map_order(_app_map(cap, x, tokens, t, method)))
+                for x, tokens, t, _ in words[:n]]
+        ratios[method] = float(np.mean(aucs)) / rnd
+    print(f"deletion AUC / random over {n} words (random {rnd:.3f}): {ratios}")
+    assert all(r <= MARGIN for r in ratios.values()), ratios
+
+
+@pytest.mark.slow
+def test_every_app_explanation_passes_model_randomisation_on_the_shipped_model(shipped_words):
+    """Adebayo et al. 2018: re-initialise the decoder (the weights this project trained) and the
+    map must change. Spearman of the two maps, mean over the first 4 fixed words. Measured:
+    IG 0.01 / |map| 0.41, GradientSHAP 0.02 / 0.29, occlusion 0.14 / 0.27, Grad-CAM 0.21,
+    attention 0.15; SmoothGrad 0.94, which is why the app does not offer it as an explanation."""
+    from app import services as sv
+
+    cap, words = shipped_words
+    out = {}
+    for method in _app_methods(cap):
+        rs = [model_randomisation(cap, x, tokens, t, method, **sv.FAST_OPTIONS.get(method, {}))
+              for x, tokens, t, _ in words[:4]]
+        out[method] = (float(np.mean([r.spearman for r in rs])), float(np.mean([r.spearman_abs for r in rs])))
+    print(f"Spearman with randomised decoder (raw, abs) over 4 words: {out}")
+    assert all(r < RANDOMISED_SPEARMAN and a < RANDOMISED_SPEARMAN_ABS for r, a in out.values()), out

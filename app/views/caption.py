@@ -64,7 +64,7 @@ if not words:
 st.subheader("Where did each word come from?")
 labels = sv.word_labels(words)
 try:
-    methods = sv.methods_for(model)
+    methods = sv.explanation_methods(model)
 except sv.NotAvailable:
     methods = []
 c1, c2 = st.columns([3, 1])
@@ -72,7 +72,7 @@ with c1:
     t = st.pills("Click a word", list(range(len(words))), format_func=lambda i: labels[i], default=0,
                  key=f"word-{cur.model.key}-{cur.digest}-{'-'.join(map(str, out.tokens))}")
 t = 0 if t is None else int(t)
-choices = [m for m in methods if m != "attention"] or ["grad_cam"]
+choices = methods or ["grad_cam"]
 method = c2.selectbox("Attribution method", choices, index=choices.index("grad_cam") if "grad_cam" in choices else 0,
                       format_func=lambda m: sv.METHOD_TITLES.get(m, m), key="caption_method",
                       help="Grad-CAM is instant; the others take about a second per word on a CPU")

@@ -1,7 +1,7 @@
 """Explain page: a per-word overlay gallery for one method, every method side by side for one
 word with a deletion/insertion check against a random order, and the beam-search tree. The
-decoder's attention is offered beside the attribution methods but labelled as what it is, the
-decoder's weights, with its measured deletion score (``sv.ATTENTION_NOTE``)."""
+decoder's attention and SmoothGrad are offered beside the attribution methods for comparison,
+but labelled as what they are, with their measured scores (``sv.NOT_EXPLANATIONS``)."""
 from __future__ import annotations
 
 import streamlit as st
@@ -56,8 +56,8 @@ if section == SECTIONS[0]:
                 st.info(str(e))
                 break
             cols[t % ncol].image(sv.overlay(cur.image, m), caption=f"{t + 1}. {w}", width="stretch", clamp=True)
-    if method == "attention":
-        st.caption(sv.ATTENTION_NOTE)
+    if method in sv.NOT_EXPLANATIONS:
+        st.caption(sv.NOT_EXPLANATIONS[method])
 
 elif section == SECTIONS[1]:
     t = st.selectbox("Word", list(range(len(words))), format_func=lambda i: labels[i], key=f"cmp-word-{key}")
@@ -99,8 +99,9 @@ elif section == SECTIONS[1]:
             else:
                 st.success(f"Every map beats the random order for “{words[t]}”.")
             st.plotly_chart(sv.faithfulness_figure(res), key=f"faith-{key}-{t}")
-    if "attention" in maps:
-        st.caption(sv.ATTENTION_NOTE)
+    for m in maps:
+        if m in sv.NOT_EXPLANATIONS:
+            st.caption(sv.NOT_EXPLANATIONS[m])
 
 else:
     if out.lattice is None:
