@@ -22,8 +22,11 @@ ImageInput = Union[str, Path, bytes, Image.Image]
 #: (decompression bombs: a tiny PNG can claim 100k x 100k pixels).
 MAX_PIXELS = 50_000_000
 
-# Our own limit is checked first; PIL's warning above its own limit is noise for us.
-Image.MAX_IMAGE_PIXELS = None
+# Pillow's own check runs inside Image.open and the plugins, on every frame and tile, before they
+# allocate: a GIF can put a frame of billions of pixels on a 16x16 canvas, and the plugin fills a
+# buffer that size while the file is being opened, before our check on the canvas size could run.
+# Pillow refuses above twice this setting (and only warns below that, which we silence).
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
 
 
 class ImageError(ValueError):
@@ -108,7 +111,8 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
     Raises:
         ImageError (a ValueError): for anything that does not give a usable RGB image: a
-            missing or empty file, a format Pillow cannot read, too many pixels, and *any*
+            missing or empty file, a format Pillow cannot read, more than ``max_pixels`` pixels
+            (or, in any frame or tile, more than MAX_PIXELS, which Pillow itself checks), and *any*
             exception raised while decoding (Pillow's plugins raise IndexError, TypeError,
             struct.error, ... on corrupt files). The message is one line and names the file.
         Nothing else, except KeyboardInterrupt and similar BaseExceptions.
@@ -139,6 +143,8 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: too many pixels, over the limit of {MAX_PIXELS:,} pixels ({_reason(e)})") from None
     # The decode boundary: whatever a plugin raises on a corrupt file (IndexError while counting
     # GIF frames, TypeError from a TIFF without dimensions, struct.error, MemoryError, ...) is the
     # file's fault, and callers must be able to rely on ImageError alone.

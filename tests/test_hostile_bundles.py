@@ -99,6 +99,8 @@ def test_oversized_weights_file_is_refused_unread(bundle):
     ({"embed.weight": {"dtype": "F32", "shape": [True, 4], "data_offsets": [0, 4]}}, "malformed"),
     ({"embed.weight": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, "claims bytes"),
     ({"embed.weight": [1, 2, 3]}, "malformed"),
+    ({"embed.weight": {"dtype": {"F32": 1}, "shape": [4], "data_offsets": [0, 16]}}, "malformed"),  # bench/fuzz.py
+    ({"embed.weight": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, "malformed"),
     ([1, 2, 3], "not an object"),
 ])
 def test_lying_headers(bundle, header, why):
