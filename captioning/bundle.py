@@ -229,6 +229,21 @@ def save_bundle(folder: str | Path, decoder: Decoder, vocab: Vocab, encoder: str
     return folder
 
 
+def recover_swap(folder: str | Path) -> bool:
+    """Finish a replacement that a kill interrupted; True if one was repaired.
+
+    save_bundle and train.save_checkpoint replace a folder in two renames: ``folder`` ->
+    ``.NAME.old``, then the new copy -> ``folder``. A process killed between the two leaves no
+    ``folder`` but a complete ``.NAME.old``: put it back. (The half-written new copy, if any,
+    is a hidden temporary folder that nothing reads.)"""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and old.is_dir():
+        os.replace(old, folder)
+        return True
+    return False
+
+
 def read_config(folder: str | Path) -> dict:
     """config.json of a bundle, with the types of every field loading relies on checked."""
     folder = Path(folder)

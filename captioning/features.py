@@ -74,6 +74,12 @@ class FeatureCache:
         n, p, c = meta["n"], meta["positions"], meta["channels"]
         if done < n:
             raise RuntimeError(f"{folder}: feature cache is incomplete ({done}/{n}); run extract-features again to finish it")
+        for name, shape in (("grid.f16", (n, p, c)), ("pooled.f16", (n, c))):
+            want = int(np.prod(shape)) * 2
+            size = (folder / name).stat().st_size if (folder / name).is_file() else -1
+            if size != want:  # a cut copy, or files from another run: never read as complete
+                raise RuntimeError(f"{folder / name}: {size} bytes, expected {want} for {shape}; "
+                                   "delete the folder and run extract-features again")
         grid = np.memmap(folder / "grid.f16", dtype=np.float16, mode="r", shape=(n, p, c))
         pooled = np.memmap(folder / "pooled.f16", dtype=np.float16, mode="r", shape=(n, c))
         return cls(folder, meta["images"], grid, pooled, meta)
@@ -104,10 +110,14 @@ def extract_features(ds: CaptionDataset, encoder_name: str, out_root: str | Path
             "key": cache_key(encoder_name, prep, images, flip), "flip": flip, "images": images}
     if not (folder / "meta.json").is_file():
         atomic_write_text(folder / "meta.json", json.dumps(meta))
-    mode = "r+" if (folder / "grid.f16").is_file() else "w+"
+    sizes = {"grid.f16": n * p * c * 2, "pooled.f16": n * c * 2}
+    # Resume only into files of the right size; anything else (a kill before both files existed,
+    # a stray copy) starts over: rows are only trusted up to progress.json's count.
+    resumable = all((folder / f).is_file() and (folder / f).stat().st_size == b for f, b in sizes.items())
+    mode = "r+" if resumable else "w+"
     grid = np.memmap(folder / "grid.f16", dtype=np.float16, mode=mode, shape=(n, p, c))
     pooled = np.memmap(folder / "pooled.f16", dtype=np.float16, mode=mode, shape=(n, c))
-    done = json.loads(prog.read_text())["done"] if prog.is_file() else 0
+    done = json.loads(prog.read_text())["done"] if prog.is_file() and resumable else 0
 
     def load(i: int) -> torch.Tensor:
         x = preprocess(load_image(ds.path(images[i])), prep)  # (3, S, S)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .bundle import VOCAB, BundleError, load_bundle, read_config, save_bundle
+from .bundle import VOCAB, BundleError, load_bundle, read_config, recover_swap, save_bundle
 from .data import CaptionDataset, load_dataset
 from .decoders import Decoder, build_decoder
 from .decoding import SpecialIds, sample_decode
@@ -296,6 +296,11 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
     rank, world = _dist_info()
     out = Path(out)
     ckpt = out / "checkpoint"
+    if resume:
+        # A run killed while replacing its checkpoint or best bundle left the last complete one aside.
+        for f in (ckpt, out / "best"):
+            if recover_swap(f):
+                print(f"note: {f} restored from the copy a killed run left")
     if resume and not (ckpt / "state.json").is_file():
         print(f"note: {ckpt} has no checkpoint; starting a new run")
         resume = False
