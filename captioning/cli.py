@@ -171,7 +171,7 @@ def cmd_ship(a: argparse.Namespace) -> int:
     dest = ship(a.run, a.name, a.dest) if a.dest else ship(a.run, a.name)
     set_decoding(dest, a.beam, a.length_penalty, a.rerank, a.rerank_pool)
     res = evaluate(dest, a.data, split="test", beam_size=a.beam, features=a.features,
-                   length_penalty=a.length_penalty, rerank=a.rerank, rerank_pool=a.rerank_pool)
+                   length_penalty=a.length_penalty, rerank=a.rerank, rerank_pool=a.rerank_pool, out=dest)
     cmd = reproduce_command(dest, a.run, a.name, a.beam, a.length_penalty, a.rerank, a.rerank_pool)
     write_card(dest, cmd, a.notes or "")
     print(json.dumps(res["metrics"]))
@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many finished captions re-ranking considers (default: the model's; 0: the beam size)")
     v.add_argument("--limit", type=int, default=0)
     v.add_argument("--features", default=str(DEFAULT_FEATURES))
-    v.add_argument("--out", default=None, help="where metrics.json and captions go (default: the model folder)")
+    v.add_argument("--out", default=None, help="where metrics.json and captions go (default: the model folder; "
+                                               "runs/evaluate/MODEL-DATA for any other --data than Flickr8k)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_evaluate)
 

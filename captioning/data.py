@@ -1,4 +1,5 @@
-"""Caption dataset readers: the original Flickr8k release, Karpathy-style JSON, plain CSV.
+"""Caption dataset readers: the original Flickr8k release, Karpathy-style JSON, plain CSV, and a
+``{file: [captions]}`` JSON (``captions.json``, as the COCO dev set ships).
 
 Every reader returns a CaptionDataset. Lines that name a missing image, carry an empty caption
 or a malformed id are counted, reported once (one line on stderr) and skipped.
@@ -163,6 +164,40 @@ def read_csv(path: str | Path, image_dir: str | Path | None = None) -> CaptionDa
     return ds
 
 
+def read_captions_json(path: str | Path, image_dir: str | Path | None = None) -> CaptionDataset:
+    """A ``{file: [captions]}`` JSON (the COCO dev set's ``captions.json``); photos in ``images/``
+    beside it, else beside the file. It names no splits: ``split("all")`` reads every photo."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a caption JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict) or not all(isinstance(v, list) for v in d.values()):
+        raise DataError(f"{path}: expected {{file: [captions]}}")
+    if image_dir is None:
+        image_dir = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    image_dir = Path(image_dir)
+    present = set(os.listdir(image_dir)) if image_dir.is_dir() else set()
+    ds = CaptionDataset(image_dir=image_dir, captions={})
+    for img, caps in d.items():
+        if not str(img).strip():
+            ds.skipped["malformed ids"] += 1
+            continue
+        for c in caps:
+            _add(ds, str(img), c if isinstance(c, str) else "", present)
+    ds.report(str(path))
+    return ds
+
+
+def _is_captions_map(path: Path) -> bool:
+    """True for ``{file: [captions]}``; False for Karpathy's ``{"images": [...]}``."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "images" not in d and all(isinstance(v, list) for v in d.values())
+
+
 def _add(ds: CaptionDataset, image: str, text: str, present: set[str], check: str | None = None) -> bool:
     text = " ".join(text.split())
     if (check or image) not in present:
@@ -183,12 +218,14 @@ def load_dataset(data: str | Path | None = None) -> CaptionDataset:
             return read_flickr8k(p)
         for name in ("dataset_flickr8k.json", "dataset_coco.json", "captions.json"):
             if (p / name).is_file():
+                if _is_captions_map(p / name):
+                    return read_captions_json(p / name)
                 return read_karpathy_json(p / name)
         if (p / "captions.csv").is_file():
             return read_csv(p / "captions.csv")
         raise DataError(f"{p}: no Flickr8k.token.txt, Karpathy JSON or captions.csv inside")
     if p.suffix.lower() == ".json":
-        return read_karpathy_json(p)
+        return read_captions_json(p) if _is_captions_map(p) else read_karpathy_json(p)
     if p.suffix.lower() == ".csv":
         return read_csv(p)
     raise DataError(f"{p}: expected a data folder, a .json or a .csv file")

@@ -15,7 +15,7 @@ from .api import Captioner
 from .bundle import DEFAULT_MODEL, read_config
 from .decoding import Ensemble
 from .encoders import Encoder, build_encoder
-from .data import load_dataset, resolve_data_dir
+from .data import REPO_ROOT, default_data_dir, load_dataset, resolve_data_dir
 from .features import FeatureCache, find_cache
 from .metrics import score_captions
 
@@ -54,6 +54,8 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
     if rerank_pool is None:
         rerank_pool = cap.default_rerank_pool
     ds = load_dataset(data)
+    if split == "test" and not ds.splits:  # a folder of photos with captions.json names no splits
+        split = "all"
     images = ds.split(split)
     if limit:
         images = images[:limit]
@@ -74,12 +76,17 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
                                                                 rerank=rerank, rerank_pool=rerank_pool)):
             preds[n] = r.text
     s = score_captions(preds, {n: ds.captions[n] for n in images}, use_java=use_java, per_image=True)
+    recall, per_recall = consensus_recall(preds, {n: ds.captions[n] for n in images}, cap.vocab.itos)
+    s.metrics["consensus_recall"] = recall
+    for n, r in per_recall.items():
+        s.per_image.setdefault(n, {})["consensus_recall"] = r
     res = {"model": [str(m) for m in models] if len(models) > 1 else str(model), "split": split, "n_images": len(images), "beam_size": beam_size,
            "length_penalty": length_penalty, **({"rerank": rerank} if rerank else {}),
            **({"rerank_pool": rerank_pool} if rerank and rerank_pool else {}), "metrics": {k: round(v, 4) for k, v in s.metrics.items()},
            "tokenizer": s.tokenizer, "notes": s.notes, "features_from_cache": all(v.cache is not None for v in views.values()),
            "seconds": round(time.time() - t0, 1)}
-    outdir = Path(out) if out else model
+    outdir = Path(out) if out else _default_out(model, data)
+    res["out"] = str(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     name = "metrics.json" if split == "test" and not limit else f"metrics_{split}{'_' + str(limit) if limit else ''}.json"
     (outdir / name).write_text(json.dumps(res, indent=2))
@@ -87,6 +94,53 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
         [{"image": n, "caption": preds[n], **{k: round(v, 4) for k, v in s.per_image.get(n, {}).items()}}
          for n in images], indent=1))
     return res
+
+
+def _default_out(model: Path, data) -> Path:
+    """The model folder for the default data (Flickr8k); for any other photo set a folder under
+    runs/evaluate/, so scoring a model on other photos never overwrites its shipped metrics."""
+    default = default_data_dir()
+    if data is None or (default is not None and resolve_data_dir(data).resolve() == default.resolve()):
+        return model
+    return REPO_ROOT / "runs" / "evaluate" / f"{Path(model).name}-{resolve_data_dir(data).resolve().stem}"
+
+
+# Words that carry no content of their own; consensus recall counts the rest.
+STOPWORDS = frozenset("""a an the in on of with and or is are was were be been being at to from by for
+into onto over under up down out off near through while as his her their its it its this that these
+those there here he she they them him who whom which what some one two three four several other another
+each all both many few has have had do does while next behind front top side out around""".split())
+
+
+def _stem(w: str, vocab: set[str]) -> str:
+    """A plural as its singular when the vocabulary holds both ("dogs" -> "dog")."""
+    for suf, rep in (("ies", "y"), ("es", ""), ("s", "")):
+        if w.endswith(suf) and len(w) > len(suf) + 1 and w[: -len(suf)] + rep in vocab:
+            return w[: -len(suf)] + rep
+    return w
+
+
+def consensus_recall(preds: dict[str, str], refs: dict[str, list[str]], vocab_words,
+                     min_refs: int = 3) -> tuple[float, dict[str, float]]:
+    """Consensus-word recall: of the content words that at least ``min_refs`` of a photo's
+    references use and the vocabulary holds, the share its caption names (plural and singular
+    count as one word). Photos without such words are left out of the mean.
+
+    Returns (mean over photos, {photo: recall})."""
+    from .vocab import tokenize
+
+    vocab = set(vocab_words)
+    per: dict[str, float] = {}
+    for k, rs in refs.items():
+        counts: dict[str, int] = {}
+        for r in rs:
+            for w in {_stem(t, vocab) for t in tokenize(r)}:
+                counts[w] = counts.get(w, 0) + 1
+        want = {w for w, c in counts.items() if c >= min_refs and w in vocab and w.isalpha() and w not in STOPWORDS}
+        if want and k in preds:
+            said = {_stem(t, vocab) for t in tokenize(preds[k])}
+            per[k] = len(want & said) / len(want)
+    return (float(np.mean(list(per.values()))) if per else 0.0), per
 
 
 def load_members(models: list[Path]) -> list[Captioner]:
