@@ -19,12 +19,14 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .bundle import DEFAULT_MODEL, BundleError, load_bundle
+from .bundle import DEFAULT_MODEL, BundleError, check_weights_header, load_bundle, read_json
 from .decoders import Decoder
 from .decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, rerank_candidates, sample_decode
 from .encoders import Encoder, build_encoder, imagenet_classes
 from .images import ImageInput, Preprocessing, load_image, preprocess
+from .familiarity import Familiarity, FamiliarityScore, load_familiarity
 from .matcher import Matcher, load_matcher
+from .recognition import Recognition, recognise
 from .vocab import Vocab, detokenize
 
 
@@ -48,6 +50,10 @@ class CaptionResult:
 
     captions: list[Caption]
     lattice: Optional[list[dict]] = None
+    # How close the photo is to the training photos (familiarity.py; None without a familiarity
+    # model in the bundle) and what the encoder's ImageNet head recognises, with caption words.
+    familiarity: Optional[FamiliarityScore] = None
+    recognised: Optional[list[Recognition]] = None
 
     @property
     def best(self) -> Caption:
@@ -74,6 +80,29 @@ class CaptionResult:
         return self.best.attention
 
 
+def _load_matcher_checked(folder: Union[str, Path]) -> Optional[Matcher]:
+    """load_matcher, after the checks load_bundle makes of the decoder: the matcher's sizes are
+    built on the meta device and compared with its weights' header, so a matcher.json claiming
+    enormous layers allocates nothing. Raises BundleError naming the file."""
+    from .matcher import MATCHER_CONFIG, MATCHER_WEIGHTS, MatcherConfig
+
+    folder = Path(folder)
+    cp, wp = folder / MATCHER_CONFIG, folder / MATCHER_WEIGHTS
+    if cp.is_file() and wp.is_file():
+        doc = read_json(cp, "matcher config")
+        try:
+            cfg = MatcherConfig(**{"packed": False, **doc["config"]})
+            with torch.device("meta"):
+                shapes = {k: tuple(v.shape) for k, v in Matcher(cfg).state_dict().items()}
+        except Exception as e:  # noqa: BLE001 (whatever a bad config makes the constructor raise)
+            raise BundleError(f"{cp}: not a valid matcher config ({type(e).__name__}: {e})"[:400]) from None
+        check_weights_header(wp, shapes, against=MATCHER_CONFIG)
+    try:
+        return load_matcher(folder)
+    except ValueError as e:
+        raise BundleError(str(e).splitlines()[0] if str(e) else f"{folder}: bad matcher") from None
+
+
 class Captioner:
     """A frozen encoder plus one decoder (or an ensemble of decoders sharing a vocabulary)."""
 
@@ -83,6 +112,7 @@ class Captioner:
         self.encoder = encoder.eval()
         self.decoder = decoder.eval()
         self.matcher = matcher
+        self.familiarity: Optional[Familiarity] = None
         self.vocab = vocab
         self.prep = prep
         self.config = config or {}
@@ -133,8 +163,13 @@ class Captioner:
         enc = encoder or build_encoder(cfg["encoder"]["name"])
         decoder = dec0 if len(loaded) == 1 else Ensemble([d for d, _, _ in loaded])
         # An ensemble's beams are not re-ranked: its members' matchers could disagree.
-        matcher = load_matcher(paths[0]) if len(loaded) == 1 else None
-        return cls(enc, decoder, vocab, Preprocessing.from_dict(cfg["preprocessing"]), cfg, matcher)
+        matcher = _load_matcher_checked(paths[0]) if len(loaded) == 1 else None
+        cap = cls(enc, decoder, vocab, Preprocessing.from_dict(cfg["preprocessing"]), cfg, matcher)
+        try:  # it reads the encoder's features, which an ensemble's members share
+            cap.familiarity = load_familiarity(paths[0])
+        except ValueError as e:
+            raise BundleError(str(e)) from None
+        return cap
 
     def load(self, image: ImageInput):
         """An image as upright RGB; raises ImageError (one line, naming it) if it cannot be decoded."""
@@ -237,12 +272,33 @@ class Captioner:
                         c.match, c.score = m, c.score + rerank * m
                     caps.sort(key=lambda c: -c.score)
                 out.append(CaptionResult(caps[:nbest], lat.steps[b] if lat else None))
-            return out
+            return self._annotate(out, pooled)
         if method in ("greedy", "sample"):
             hyps = sample_decode(self.decoder, grid, pooled, greedy=method == "greedy", temperature=temperature,
                                  top_k=top_k, generator=generator, **common)
-            return [CaptionResult([self._words(h)]) for h in hyps]
+            return self._annotate([CaptionResult([self._words(h)]) for h in hyps], pooled)
         raise ValueError(f"unknown method {method!r}; valid: beam, greedy, sample")
+
+    @torch.no_grad()
+    def recognise(self, pooled: torch.Tensor, k: int = 5) -> list[list[Recognition]]:
+        """The encoder's ImageNet top-k from pooled features (B, C), with caption words
+        (recognition.py): the head reads the pooled features, so this costs one linear layer."""
+        return recognise(self.encoder.head(pooled.float()[:, :, None, None]), k)
+
+    def _annotate(self, results: list[CaptionResult], pooled) -> list[CaptionResult]:
+        # Members of an ensemble reading different views give a list; the first is the bundle's own.
+        p = pooled[0] if isinstance(pooled, (list, tuple)) else pooled
+        if p.shape[-1] != getattr(self.encoder, "feature_dim", p.shape[-1]):
+            return results
+        fam = self.familiarity.score(p) if self.familiarity is not None and self.familiarity.feature_dim == p.shape[-1] else None
+        try:
+            rec = self.recognise(p)
+        except NotImplementedError:  # an encoder without an ImageNet head
+            rec = None
+        for i, r in enumerate(results):
+            r.familiarity = fam[i] if fam else None
+            r.recognised = rec[i] if rec else None
+        return results
 
     def _words(self, h: Hypothesis) -> Caption:
         words = [self.vocab.itos[i] for i in h.tokens]

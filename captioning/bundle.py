@@ -147,6 +147,18 @@ def load_weights(path: str | Path, expected: dict[str, tuple[int, ...]], against
     that does not fit; then the tensors are read. Raises BundleError naming the file.
     """
     path = Path(path)
+    check_weights_header(path, expected, against, max_bytes)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        raise BundleError(f"{path}: cannot read weights ({_short(e)})") from None
+
+
+def check_weights_header(path: str | Path, expected: dict[str, tuple[int, ...]], against: str = CONFIG,
+                         max_bytes: int = MAX_WEIGHTS_BYTES) -> None:
+    """BundleError unless the safetensors file at ``path`` holds exactly the ``expected`` floating
+    point tensors (names and shapes); reads the header only."""
+    path = Path(path)
     header = read_safetensors_header(path, max_bytes)
     missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
     bad_shape = [k for k in expected if k in header and header[k][1] != tuple(expected[k])]
@@ -156,10 +168,6 @@ def load_weights(path: str | Path, expected: dict[str, tuple[int, ...]], against
     not_float = [k for k, (dt, _) in header.items() if dt not in _FLOAT_DTYPES]
     if not_float:
         raise BundleError(f"{path}: tensors {not_float[:3]} are {header[not_float[0]][0]}, not floating point")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
-        raise BundleError(f"{path}: cannot read weights ({_short(e)})") from None
 
 
 def _check_decoder_section(p: Path, dec: Any) -> None:

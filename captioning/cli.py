@@ -73,7 +73,9 @@ def cmd_caption(a: argparse.Namespace) -> int:
             continue
         results.append({"image": path, "captions": [
             {"text": c.text, "logprob": round(c.logprob, 4), "score": round(c.score, 4), "finished": c.finished}
-            for c in r.captions]})
+            for c in r.captions],
+            **({"familiarity": r.familiarity.to_dict()} if r.familiarity else {}),
+            **({"recognised": [x.to_dict() for x in r.recognised[:3]]} if r.recognised else {})})
         if not a.json:
             if a.nbest == 1:
                 print(f"{path}\t{r.text}")

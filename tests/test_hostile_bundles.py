@@ -303,3 +303,27 @@ def test_hostile_bundles_stay_within_memory(tmp_path):
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["errors"] == res["cases"] == 6, res
     assert res["grew_mb"] < 300, res
+
+
+def test_matcher_claiming_enormous_layers_allocates_nothing(bundle):
+    """The matcher in a model folder is checked like the decoder: its sizes, built on the meta
+    device, against its weights' header, before it is built for real."""
+    from captioning.api import Captioner
+    from captioning.encoders import build_encoder
+    from captioning.matcher import MATCHER_CONFIG, MATCHER_WEIGHTS, Matcher, MatcherConfig, save_matcher
+
+    torch.manual_seed(0)
+    save_matcher(bundle, Matcher(MatcherConfig(vocab_size=len(WORDS) + 4, feature_dim=1280, embed_dim=8, joint_dim=8)))
+    enc = build_encoder("efficientnet-lite0")
+    assert Captioner.from_pretrained(bundle, encoder=enc).matcher is not None
+    cp = bundle / MATCHER_CONFIG
+    doc = json.loads(cp.read_text())
+    doc["config"].update(embed_dim=1 << 20, joint_dim=1 << 20)  # terabytes, if built
+    cp.write_text(json.dumps(doc))
+    with pytest.raises(BundleError) as e:
+        Captioner.from_pretrained(bundle, encoder=enc)
+    assert str(bundle / MATCHER_WEIGHTS) in str(e.value) and "do not match" in str(e.value)
+    doc["config"]["embed_dim"] = "eight"
+    cp.write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match="matcher config"):
+        Captioner.from_pretrained(bundle, encoder=enc)
