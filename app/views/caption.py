@@ -9,6 +9,16 @@ import streamlit as st
 from app import services as sv
 from app import ui
 
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _recognition(model_key, digest, _model, _image):
+    """(ImageNet top-3 with caption words, FamiliarityScore or None) for one photo and model."""
+    with sv.COMPUTE_LOCK:
+        _, pooled = _model.encode(_model.pixels([_image]))
+    fam = _model.familiarity.score(pooled)[0] if getattr(_model, "familiarity", None) is not None else None
+    return _model.recognise(pooled, k=3)[0], fam
+
+
 cur = ui.current()
 st.title("Caption")
 
@@ -29,6 +39,16 @@ with right:
               if cur.rerank else "")
     st.caption(f"{cur.model.title} · beam {cur.beam}, length penalty {cur.length_penalty:g}{rerank} · "
                f"log-probability {out.best['logprob']:.2f} · {out.seconds * 1000:.0f} ms")
+
+    # What the encoder's ImageNet head recognises and how familiar the photo is (issue 24).
+    rec, fam = _recognition(cur.model.key, cur.digest, model, cur.image)
+    if rec:
+        st.caption("recognised: " + "; ".join(
+            f"{html.escape(r.label)} {r.prob:.2f}" + (f" → {html.escape(r.words[0])}" if r.words else "")
+            for r in rec if r.prob >= 0.05 or r is rec[0]))
+    if fam is not None:
+        badge = {"familiar": st.success, "less familiar": st.warning, "unfamiliar": st.error}[fam.level]
+        badge(f"{fam.message} (familiarity: percentile {fam.percentile:.0f} of the Flickr8k dev photos)")
 
     if cur.flickr_name:
         refs = sv.flickr_references(cur.flickr_name)
@@ -75,7 +95,7 @@ t = 0 if t is None else int(t)
 choices = methods or ["grad_cam"]
 method = c2.selectbox("Attribution method", choices, index=choices.index("grad_cam") if "grad_cam" in choices else 0,
                       format_func=lambda m: sv.METHOD_TITLES.get(m, m), key="caption_method",
-                      help="Grad-CAM is instant; the others take about a second per word on a CPU")
+                      help="Grad-CAM is instant; the others take one to a few seconds per word on a CPU")
 
 cols = st.columns(3)
 cols[0].image(cur.image, caption="photo", width="stretch")
