@@ -23,7 +23,7 @@ TARGETS=("$@")
 # would make every mutant cost minutes).
 tests_for() {
   case "$1" in
-    captioning/decoding.py) echo "tests/test_decoders_decoding.py tests/test_explain_beam.py" ;;
+    captioning/decoding.py) echo "tests/test_decoders_decoding.py tests/test_decoding_mutants.py tests/test_explain_beam.py" ;;
     explain/faithfulness.py) echo "tests/test_explain_faithfulness.py tests/test_app.py::test_faithfulness_verdict_needs_both_curves tests/test_app.py::test_faithfulness_service_tells_a_good_map_from_bad_ones" ;;
     explain/embeddings.py) echo "tests/test_explain_embeddings.py" ;;
     *) echo "no test list for $1" >&2; return 1 ;;

@@ -10,7 +10,7 @@ import torch
 
 from explain.attribution import attribute, grad_cam_all_words, word_scorer
 from explain.faithfulness import (auc, block_scores, deletion_insertion, map_order, model_randomisation,
-                                  perturbation_curve, random_order, randomise_weights)
+                                  perturbation_curve, random_baselines, random_order, randomise_weights)
 from explain.toy import cached_toy_captioner, toy_image, toy_mask
 
 torch.set_num_threads(1)
@@ -121,7 +121,8 @@ def test_deletion_insertion_uses_its_seed_and_substrates():
     """Against the curves built by hand from the same pieces, with non-default settings, so that
     a setting that is dropped on the way (and falls back to its default) shows."""
     cap, img, tokens = _case()
-    sal = np.random.default_rng(2).random((224, 224))
+    sal = np.zeros((224, 224))  # ties: most blocks are 0, and only the seed orders them
+    sal[:64] = np.random.default_rng(2).random((64, 224))
     r = deletion_insertion(cap, img, tokens, 1, sal, block=32, steps=6, seed=3, deletion_substrate="mean",
                            insertion_substrate="black")
     scorer = word_scorer(cap, tokens, 1)
@@ -142,6 +143,40 @@ def test_deletion_insertion_uses_its_seed_and_substrates():
                            "random_insertion_auc": r.random_insertion.auc}
     with pytest.raises(ValueError, match="saliency map must be 224x224"):
         deletion_insertion(cap, img, tokens, 1, np.zeros((7, 7)))
+
+
+def test_defaults_the_app_and_cli_rely_on():
+    cap, img, tokens = _case()
+    m = np.zeros((224, 224))
+    m[32:48, 16:32] = 5.0
+    assert map_order(m)[0] == 29  # 16-pixel blocks
+    np.testing.assert_array_equal(map_order(np.zeros((224, 224))), map_order(np.zeros((224, 224)), 16, 0))
+    np.testing.assert_array_equal(random_order(196), random_order(196, 0))
+    rd, ri = random_baselines(cap, img, tokens, 1)
+    scorer = word_scorer(cap, tokens, 1)
+    x = cap.pixels([img])
+    assert len(rd.probs) == len(ri.probs) == 25 and rd.order == ri.order == "random"
+    np.testing.assert_allclose(rd.probs, perturbation_curve(scorer, x, random_order(196, 0), "deletion", 16, 24,
+                                                            "black").probs, atol=1e-6)
+    np.testing.assert_allclose(ri.probs, perturbation_curve(scorer, x, random_order(196, 0), "insertion", 16, 24,
+                                                            "blur").probs, atol=1e-6)
+    res = model_randomisation(cap, img, tokens, 1)
+    assert res.method == "grad_cam" and res.target == "decoder"
+    with pytest.raises(ValueError, match="target must be decoder, encoder or both"):
+        model_randomisation(cap, img, tokens, 1, target="weights")
+
+
+def test_a_constant_map_has_no_rank_correlation():
+    # Grad-CAM's ReLU can zero a whole map (say under random weights): that is nan, not an error.
+    from scipy.stats import spearmanr
+
+    from explain.faithfulness import _spearman
+
+    assert np.isnan(_spearman(spearmanr, np.zeros(9), np.arange(9.0)))
+    assert np.isnan(_spearman(spearmanr, np.arange(9.0), np.full(9, 2.0)))
+    unit = np.array([0.0, 0.25, 1.0])  # a range of exactly 1 is not constant
+    assert _spearman(spearmanr, unit, unit) == pytest.approx(1.0)
+    assert _spearman(spearmanr, unit, -unit) == pytest.approx(-1.0)
 
 
 def test_model_randomisation_randomises_only_its_target(monkeypatch):

@@ -45,7 +45,8 @@ section = st.segmented_control("View", SECTIONS, default=SECTIONS[0], key="expla
 if section == SECTIONS[0]:
     method = st.selectbox("Method", methods, index=methods.index("grad_cam") if "grad_cam" in methods else 0,
                           format_func=lambda m: title(m, m), key="gallery_method",
-                          help="Grad-CAM and attention are instant; the others take about a second per word on a CPU")
+                          help="Grad-CAM and attention are instant; the others take one to a few seconds per word "
+                               "on a CPU")
     ncol = 4
     cols = st.columns(ncol)
     with st.spinner(f"{title(method, method)} for {len(words)} words..."):
