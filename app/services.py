@@ -520,7 +520,7 @@ ATTENTION_NOTE = ("Decoder attention is the decoder's own weights over the image
 #: SmoothGrad's |gradient| map is mostly the frozen encoder's sensitivity: re-initialising the
 #: decoder barely changes it (Adebayo et al. 2018's check; Spearman of the two maps, mean over the
 #: words in docs/faithfulness.md, at the app's settings).
-SMOOTHGRAD_SCORE = {"smoothgrad": 0.87, "grad_cam": 0.13, "words": 29}
+SMOOTHGRAD_SCORE = {"smoothgrad": 0.87, "grad_cam": 0.13, "words": 32}
 SMOOTHGRAD_NOTE = ("SmoothGrad shows how sensitive the word is to each pixel, not evidence for it, and fails the "
                    "model-randomisation check (Adebayo et al. 2018): with the decoder's weights re-initialised its "
                    "map keeps a rank correlation of {smoothgrad:.2f} with the trained model's (mean over {words} "
