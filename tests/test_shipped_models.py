@@ -1,5 +1,6 @@
 """The shipped models themselves: the default describes what is in a photo, and every number the
-README and the model cards print for a shipped model is the one in its ``metrics.json``."""
+README, docs/results.md and the model cards print for a shipped model is the one in its
+``metrics.json``."""
 from __future__ import annotations
 
 import json
@@ -45,10 +46,12 @@ def _same(printed: str, measured: float) -> bool:
     return abs(float(printed.strip("*")) - measured) <= 0.0005 + 1e-9
 
 
-def test_readme_results_table_equals_metrics_json():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Shipped models", 1)[1]
-    rows = _table(section, "| model | BLEU-1 |")
+@pytest.mark.parametrize("doc, heading", [("README.md", "### Shipped models"),
+                                          ("docs/results.md", "## Shipped models")])
+def test_results_tables_equal_metrics_json(doc, heading):
+    text = (REPO / doc).read_text(encoding="utf-8")
+    assert heading in text, f"{doc} has no {heading!r} section"
+    rows = _table(text.split(heading, 1)[1], "| model | BLEU-1 |")
     # The default's row is the bold one; the other shipped decoders are named alone.
     pick = {"show_attend_tell": lambda c: c.startswith("**`show_attend_tell`**"),
             "show_tell": lambda c: c == "`show_tell`", "merge": lambda c: c == "`merge`"}
@@ -58,7 +61,7 @@ def test_readme_results_table_equals_metrics_json():
         assert len(found) == 1, (name, [r[0] for r in rows])
         printed = dict(zip(METRICS, found[0][1:]))
         wrong = {k: (printed[k], m[k]) for k in METRICS if not _same(printed[k], m[k])}
-        assert not wrong, f"README row for {name} differs from its metrics.json: {wrong}"
+        assert not wrong, f"{doc} row for {name} differs from its metrics.json: {wrong}"
 
 
 @pytest.mark.parametrize("name", SHIPPED)
