@@ -866,9 +866,9 @@ def embedding_figure(proj: Projection, highlight: Sequence[str] = (), focus: Opt
         grey = g == "other" or colour is None
         fig.add_trace(go.Scattergl(
             x=xy[idx, 0], y=xy[idx, 1], mode="markers",
-            name=("vocabulary" if colour is None else ("not in a word list" if g == "other" else g)),
+            name=("vocabulary" if colour is None else ("not in a word list" if g == "other" else g.replace("_", " "))),
             text=[proj.words[i] for i in idx], customdata=[proj.words[i] for i in idx],
-            hovertemplate="%{text}<extra>" + ("" if grey else g) + "</extra>",
+            hovertemplate="%{text}<extra>" + ("" if grey else g.replace("_", " ")) + "</extra>",
             marker=dict(size=5 if grey else 7, color="#a8b8c8" if grey else palette[j % len(palette)],
                         opacity=0.45 if grey else 0.85)))
     top = [i for i in range(min(labels, keep)) if proj.words[i] not in hl and proj.words[i] not in nb]

@@ -36,6 +36,10 @@ class Decoder(nn.Module):
             raise ValueError(f"tie_weights needs the output layer to read {self.embed.weight.shape[1]} features "
                              f"(embed_dim) but it reads {self.fc.weight.shape[1]}; make them equal")
         self.fc.weight = self.embed.weight
+        # nn.Embedding starts at N(0, 1): as softmax weights that gives logits of std ~sqrt(E) and a
+        # first loss near 10. Tied models in Press & Wolf 2017 (after Zaremba et al. 2014) start
+        # every weight at U(-0.1, 0.1).
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
 
     def start(self, grid: torch.Tensor, pooled: torch.Tensor) -> tuple[State, State]:
         """(B, P, C), (B, C) -> (initial state, per-image features for ``step``)."""

@@ -194,6 +194,7 @@ def test_a_tied_model_has_one_shared_space_that_survives_save_and_load(tmp_path)
 
     dec, vocab = _tiny_decoder("show_tell", tie=True)
     assert dec.fc.weight is dec.embed.weight
+    assert dec.embed.weight.abs().max() <= 0.1  # small start, not N(0, 1) logits (Press & Wolf 2017)
     assert available_spaces(dec) == ["tied"] and default_space(dec) == "tied"
     assert embedding_space(dec, vocab, "output").name == embedding_space(dec, vocab, "input").name == "tied"
     # one optimiser step moves the single matrix through both roles
