@@ -21,7 +21,9 @@ from captioning.images import ImageError
 # --------------------------------------------------------------------------- cached wrappers
 
 
-@st.cache_resource(show_spinner="Loading the image encoder...")
+# Every cache has a limit: a public demo must not grow with the number of photos, words or
+# models people try (docs/reliability.md: server memory over 100 uploads).
+@st.cache_resource(show_spinner="Loading the image encoder...", max_entries=4)
 def encoder(name: str):
     return sv.load_encoder(name)
 
@@ -32,7 +34,9 @@ def captioner(model_key: str, path: str, encoder_name: str):
     return sv.load_captioner(path, encoder=encoder(encoder_name) if encoder_name else None)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+# Per-photo caches hold megabytes an entry (pixels, full-size maps): a few dozen photos are
+# plenty for going back and forth, and 100 uploads in a row must not pile up (bench/bench_memory.py).
+@st.cache_data(show_spinner=False, max_entries=12)
 def decoded(digest: str, _data: bytes):
     """(display image, model input image, note) for the image with this hash. Raises ImageError.
 
@@ -48,17 +52,17 @@ def caption(model_key: str, digest: str, beam: int, lp: float, nbest: int, _mode
     return sv.caption(_model, _image, beam, lp, nbest, rerank=rerank)
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
+@st.cache_data(show_spinner=False, max_entries=24)
 def grad_cam_all(model_key: str, digest: str, tokens: tuple, _model, _image) -> list[np.ndarray]:
     return sv.grad_cam_all(_model, _image, tokens)
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
+@st.cache_data(show_spinner=False, max_entries=64)
 def attribution(model_key: str, digest: str, tokens: tuple, t: int, method: str, _model, _image):
     return sv.attribution_map(_model, _image, tokens, t, method)
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
+@st.cache_data(show_spinner=False, max_entries=64)
 def faithfulness(model_key: str, digest: str, tokens: tuple, t: int, methods: tuple, _model, _image, _maps):
     return sv.faithfulness(_model, _image, tokens, t, _maps)
 
@@ -73,12 +77,12 @@ def top5(model_key: str, digest: str, _model, _image):
     return sv.imagenet_top5(_model, _image)
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
+@st.cache_data(show_spinner=False, max_entries=8)
 def channel_maps(model_key: str, digest: str, layer: str, k: int, _model, _image):
     return sv.top_channel_maps(_model, _image, layer, k)
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=False, max_entries=8)
 def layers(model_key: str, _model):
     return sv.encoder_layers(_model)
 
@@ -113,12 +117,12 @@ def neighbours(model_key: str, word: str, k: int, _model, space: str | None = No
     return sv.nearest_words(_model, word, k, space=space, model_path=path)
 
 
-@st.cache_data(show_spinner=False, ttl=60)
+@st.cache_data(show_spinner=False, ttl=60, max_entries=4)
 def model_list(root: str):
     return sv.list_models(Path(root))
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=False, max_entries=1)
 def flickr_photos() -> list[str]:
     return sv.flickr_test_photos()
 
