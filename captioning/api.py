@@ -25,6 +25,7 @@ from .decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, re
 from .encoders import Encoder, build_encoder, imagenet_classes
 from .images import ImageInput, Preprocessing, load_image, preprocess
 from .familiarity import Familiarity, FamiliarityScore, load_familiarity
+from .guidance import GuideSettings, plan as plan_guide, resolve as resolve_guide
 from .matcher import Matcher, load_matcher
 from .recognition import Recognition, recognise
 from .vocab import Vocab, detokenize
@@ -54,6 +55,9 @@ class CaptionResult:
     # model in the bundle) and what the encoder's ImageNet head recognises, with caption words.
     familiarity: Optional[FamiliarityScore] = None
     recognised: Optional[list[Recognition]] = None
+    # Guided decoding (guidance.py): the words one of which the caption was made to contain
+    # ([] when nothing was recognised confidently enough); None when guidance was off.
+    guided: Optional[list[str]] = None
 
     @property
     def best(self) -> Caption:
@@ -145,6 +149,11 @@ class Captioner:
         recommends (chosen on the dev split); 0 when it names none, which means ``beam_size``."""
         return int((self.config.get("decoding") or {}).get("rerank_pool", 0))
 
+    @property
+    def default_guide(self) -> bool:
+        """Whether the bundle turns guided decoding on by default (``decoding.guide.on``)."""
+        return bool(((self.config.get("decoding") or {}).get("guide") or {}).get("on", False))
+
     @classmethod
     def from_pretrained(cls, path: Union[str, Path, Sequence[Union[str, Path]], None] = None,
                         encoder: Optional[Encoder] = None) -> "Captioner":
@@ -197,7 +206,8 @@ class Captioner:
                 max_len: int = 20, min_len: int = 1, length_penalty: Optional[float] = None, no_repeat_ngram: int = 0,
                 method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
                 return_lattice: bool = False, batch_size: int = 64, seed: Optional[int] = None,
-                rerank: Optional[float] = None, rerank_pool: Optional[int] = None) -> list[CaptionResult]:
+                rerank: Optional[float] = None, rerank_pool: Optional[int] = None,
+                guide: Union[None, bool, dict, GuideSettings] = None) -> list[CaptionResult]:
         """Caption images (paths, bytes or PIL images; one or a list).
 
         Args:
@@ -213,6 +223,10 @@ class Captioner:
                 ``beam_size``): the best by score of all that ended while the ``beam_size`` live
                 beams were searched (the live beams are the same whatever the pool). None is the
                 bundle's ``default_rerank_pool``.
+            guide: guided decoding (guidance.py; beam search only): a word the encoder's ImageNet
+                head is confident about must appear in the caption, and words its recognition
+                rules out are penalised. None is the bundle's ``default_guide``, True/False turn
+                it on/off, a dict or GuideSettings sets its strengths.
         Returns:
             One CaptionResult per image, in order.
         Raises:
@@ -233,7 +247,7 @@ class Captioner:
                                          min_len=min_len, length_penalty=length_penalty,
                                          no_repeat_ngram=no_repeat_ngram, method=method, temperature=temperature,
                                          top_k=top_k, allow_unk=allow_unk, return_lattice=return_lattice,
-                                         generator=gen, rerank=rerank, rerank_pool=rerank_pool)
+                                         generator=gen, rerank=rerank, rerank_pool=rerank_pool, guide=guide)
         return out
 
     @torch.no_grad()
@@ -241,7 +255,8 @@ class Captioner:
                          max_len: int = 20, min_len: int = 1, length_penalty: Optional[float] = None,
                          no_repeat_ngram: int = 0, method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
                          return_lattice: bool = False, generator: Optional[torch.Generator] = None,
-                         rerank: Optional[float] = None, rerank_pool: Optional[int] = None) -> list[CaptionResult]:
+                         rerank: Optional[float] = None, rerank_pool: Optional[int] = None,
+                         guide: Union[None, bool, dict, GuideSettings] = None) -> list[CaptionResult]:
         """Like ``caption`` but from encoder output: grid (B, P, C), pooled (B, C)."""
         if length_penalty is None:
             length_penalty = self.default_length_penalty
@@ -255,10 +270,16 @@ class Captioner:
             raise ValueError(f"rerank_pool must be >= 0, got {rerank_pool}")
         pool = rerank_candidates(beam_size, rerank_pool, nbest) if rerank else nbest
         common = dict(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk, ids=self.ids)
+        settings = resolve_guide(guide, self.config)
+        if settings is not None and method != "beam":
+            if guide is not None:  # asked for explicitly; the bundle's default just does not apply
+                raise ValueError(f"guided decoding needs method='beam', not {method!r}")
+            settings = None
         if method == "beam":
             lat = Lattice() if return_lattice else None
+            plan, chosen = self._guide(pooled, settings)
             hyps = beam_search(self.decoder, grid, pooled, beam_size=beam_size,
-                               nbest=pool, length_penalty=length_penalty, lattice=lat,
+                               nbest=pool, length_penalty=length_penalty, lattice=lat, guide=plan,
                                **common)
             out = []
             for b, hs in enumerate(hyps):
@@ -271,7 +292,8 @@ class Captioner:
                     for c, m in zip(caps, sims.tolist()):
                         c.match, c.score = m, c.score + rerank * m
                     caps.sort(key=lambda c: -c.score)
-                out.append(CaptionResult(caps[:nbest], lat.steps[b] if lat else None))
+                out.append(CaptionResult(caps[:nbest], lat.steps[b] if lat else None,
+                                         guided=chosen[b] if chosen is not None else None))
             return self._annotate(out, pooled)
         if method in ("greedy", "sample"):
             hyps = sample_decode(self.decoder, grid, pooled, greedy=method == "greedy", temperature=temperature,
@@ -284,6 +306,20 @@ class Captioner:
         """The encoder's ImageNet top-k from pooled features (B, C), with caption words
         (recognition.py): the head reads the pooled features, so this costs one linear layer."""
         return recognise(self.encoder.head(pooled.float()[:, :, None, None]), k)
+
+    def _guide(self, pooled, settings: Optional[GuideSettings]):
+        """(Guide for beam_search, constraint words per image), or (None, None) when guidance is
+        off or the encoder has no ImageNet head to guide with."""
+        if settings is None:
+            return None, None
+        p = pooled[0] if isinstance(pooled, (list, tuple)) else pooled
+        if p.shape[-1] != getattr(self.encoder, "feature_dim", p.shape[-1]):
+            return None, None
+        try:
+            logits = self.encoder.head(p.float()[:, :, None, None])
+        except NotImplementedError:
+            return None, None
+        return plan_guide(logits, self.vocab.itos, settings)
 
     def _annotate(self, results: list[CaptionResult], pooled) -> list[CaptionResult]:
         # Members of an ensemble reading different views give a list; the first is the bundle's own.

@@ -60,9 +60,11 @@ def cmd_caption(a: argparse.Namespace) -> int:
         # the others theirs.
         try:
             src = load_sample(item[1]) if isinstance(item, tuple) else item
+            # Guidance needs beam search: a beam of one is then searched, not decoded greedily.
+            greedy = a.beam == 1 and not a.guide
             r = cap.caption(src, beam_size=a.beam, nbest=a.nbest, length_penalty=a.length_penalty,
-                            method="greedy" if a.beam == 1 else "beam", rerank=a.rerank,
-                            rerank_pool=a.rerank_pool)[0]
+                            method="greedy" if greedy else "beam", rerank=a.rerank,
+                            rerank_pool=a.rerank_pool, guide=a.guide)[0]
         except Exception as e:  # noqa: BLE001 (KeyboardInterrupt still stops the run)
             msg = str(e) if isinstance(e, ImageError) else _one_line(e)
             if str(path) not in msg:
@@ -75,7 +77,8 @@ def cmd_caption(a: argparse.Namespace) -> int:
             {"text": c.text, "logprob": round(c.logprob, 4), "score": round(c.score, 4), "finished": c.finished}
             for c in r.captions],
             **({"familiarity": r.familiarity.to_dict()} if r.familiarity else {}),
-            **({"recognised": [x.to_dict() for x in r.recognised[:3]]} if r.recognised else {})})
+            **({"recognised": [x.to_dict() for x in r.recognised[:3]]} if r.recognised else {}),
+            **({"guided": r.guided} if r.guided is not None else {})})
         if not a.json:
             if a.nbest == 1:
                 print(f"{path}\t{r.text}")
@@ -112,7 +115,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     res = evaluate(a.model[0] if a.model and len(a.model) == 1 else a.model, a.data, split=a.split, beam_size=a.beam, limit=a.limit, features=a.features,
-                   length_penalty=a.length_penalty, rerank=a.rerank, rerank_pool=a.rerank_pool, out=a.out)
+                   length_penalty=a.length_penalty, rerank=a.rerank, rerank_pool=a.rerank_pool, out=a.out,
+                   guide=_guide_arg(a))
     if a.json:
         print(json.dumps(res, indent=2))
     else:
@@ -121,6 +125,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         for n in res["notes"]:
             print(f"note: {n}")
     return 0
+
+
+def _guide_arg(a: argparse.Namespace):
+    """--guide/--no-guide (None: the model's default), with --guide-settings JSON for tuning."""
+    if getattr(a, "guide_settings", None):
+        if a.guide is False:
+            raise ValueError("--guide-settings contradicts --no-guide")
+        return json.loads(a.guide_settings)
+    return a.guide
 
 
 def cmd_matcher(a: argparse.Namespace) -> int:
@@ -198,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matcher weight for re-ranking the beams (default: the model's; 0: off)")
     c.add_argument("--rerank-pool", type=int, default=None,
                    help="how many finished captions re-ranking considers (default: the model's; 0: the beam size)")
+    c.add_argument("--guide", action=argparse.BooleanOptionalAction, default=None,
+                   help="guided decoding: name what the encoder's ImageNet head confidently recognises "
+                        "(default: the model's, config.json decoding.guide)")
     c.add_argument("--json", action="store_true", help="print one JSON document")
     c.set_defaults(fn=cmd_caption)
 
@@ -234,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matcher weight for re-ranking the beams (default: the model's; 0: off)")
     v.add_argument("--rerank-pool", type=int, default=None,
                    help="how many finished captions re-ranking considers (default: the model's; 0: the beam size)")
+    v.add_argument("--guide", action=argparse.BooleanOptionalAction, default=None,
+                   help="guided decoding (default: the model's, config.json decoding.guide)")
+    v.add_argument("--guide-settings", default=None,
+                   help='guided decoding with these settings, JSON: {"threshold": 0.5, "conflict": 3, "person": 0}')
     v.add_argument("--limit", type=int, default=0)
     v.add_argument("--features", default=str(DEFAULT_FEATURES))
     v.add_argument("--out", default=None, help="where metrics.json and captions go (default: the model folder; "

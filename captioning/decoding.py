@@ -123,6 +123,11 @@ def _constrain(logp: torch.Tensor, seqs: torch.Tensor, t: int, ids: SpecialIds, 
     return logp
 
 
+def _rows(x, idx: list[int]):
+    """Rows ``idx`` of a grid or pooled tensor, or of each member's for an ensemble's sequence."""
+    return x[idx] if isinstance(x, torch.Tensor) else [y[idx] for y in x]
+
+
 def _lead(grid) -> torch.Tensor:
     """The grid tensor, or the first member's when an ensemble gets one grid per member."""
     return grid if isinstance(grid, torch.Tensor) else grid[0]
@@ -187,11 +192,25 @@ def sample_decode(model, grid: torch.Tensor, pooled: torch.Tensor, *, greedy: bo
     return out
 
 
+@dataclass
+class Guide:
+    """What guided beam search (``beam_search(..., guide=)``) is told about each of B images.
+
+    words: (B, V) bool, the image's disjunctive constraint: its caption must contain one of
+        these words ("cat" or "cats" or "kitten"); a row with none set leaves that image free.
+    penalty: (B, V) float or None, added to every step's log-probabilities (<= 0 for words the
+        image's evidence rules out). Scores and logprobs of guided captions include it.
+    """
+
+    words: torch.Tensor
+    penalty: Optional[torch.Tensor] = None
+
+
 @torch.no_grad()
 def beam_search(model, grid: torch.Tensor, pooled: torch.Tensor, *, beam_size: int = 3, nbest: int = 1,
                 max_len: int = 20, min_len: int = 1, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
-                allow_unk: bool = False, ids: SpecialIds = SpecialIds(), lattice: Optional[Lattice] = None
-                ) -> list[list[Hypothesis]]:
+                allow_unk: bool = False, ids: SpecialIds = SpecialIds(), lattice: Optional[Lattice] = None,
+                guide: Optional[Guide] = None) -> list[list[Hypothesis]]:
     """Beam search batched over images and beams with tensor operations.
 
     At each step the 2K best extensions of the K live beams are taken; those ending in <end>
@@ -204,9 +223,36 @@ def beam_search(model, grid: torch.Tensor, pooled: torch.Tensor, *, beam_size: i
         model: a Decoder or Ensemble. grid: (B, P, C). pooled: (B, C); an Ensemble also takes
             one of each per member (Ensemble.start).
         lattice: if given, filled with every step's candidates (for drawing the search tree).
+        guide: constrained ("guided") search, see ``guided_beam_search``.
     Returns:
         For each of the B images, its ``nbest`` hypotheses, best first.
     """
+    kw = dict(beam_size=beam_size, nbest=nbest, max_len=max_len, min_len=min_len, length_penalty=length_penalty,
+              no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk, ids=ids)
+    if guide is not None:
+        need = guide.words.any(1)
+        if guide.penalty is not None:
+            need = need | (guide.penalty != 0).any(1)
+        if bool(need.all()):
+            return guided_beam_search(model, grid, pooled, guide, lattice=lattice, **kw)
+        if bool(need.any()):
+            # Images with nothing to guide are searched exactly as without a guide (one bank of
+            # K beams instead of two): guidance costs only where it acts.
+            on, off = need.nonzero().flatten().tolist(), (~need).nonzero().flatten().tolist()
+            lat_on, lat_off = (Lattice(), Lattice()) if lattice is not None else (None, None)
+            sub = Guide(guide.words[on], None if guide.penalty is None else guide.penalty[on])
+            got_on = guided_beam_search(model, _rows(grid, on), _rows(pooled, on), sub, lattice=lat_on, **kw)
+            got_off = beam_search(model, _rows(grid, off), _rows(pooled, off), lattice=lat_off, **kw)
+            out: list = [None] * len(need)
+            steps: list = [None] * len(need)
+            for idx, got, lat in ((on, got_on, lat_on), (off, got_off, lat_off)):
+                for j, b in enumerate(idx):
+                    out[b] = got[j]
+                    if lat is not None:
+                        steps[b] = lat.steps[j]
+            if lattice is not None:
+                lattice.steps = steps
+            return out
     B, K, dev = _lead(grid).size(0), beam_size, _lead(grid).device
     npool = max(nbest, K)
     state, feats = model.start(grid, pooled)
@@ -282,7 +328,8 @@ def beam_search(model, grid: torch.Tensor, pooled: torch.Tensor, *, beam_size: i
                      K, length_penalty) for b in range(B)]
 
 
-def _collect(b, nbest, pool_score, pool_logp, pool_len, pool_seq, pool_att, beam_scores, seqs, beam_att, K, alpha):
+def _collect(b, nbest, pool_score, pool_logp, pool_len, pool_seq, pool_att, beam_scores, seqs, beam_att, K, alpha,
+             by_score: bool = True):
     hyps = []
     for j in range(pool_score.size(1)):
         if not math.isfinite(float(pool_score[b, j])):
@@ -299,7 +346,8 @@ def _collect(b, nbest, pool_score, pool_logp, pool_len, pool_seq, pool_att, beam
             if math.isfinite(s):
                 live.append(Hypothesis(seqs[b * K + k].tolist(), s, s / length_norm(L, alpha), False,
                                        None if beam_att is None else beam_att[b * K + k].cpu().numpy()))
-        live.sort(key=lambda h: -h.score)
+        if by_score:  # guided search passes its live beams in the order it prefers them
+            live.sort(key=lambda h: -h.score)
         hyps += live[: nbest - len(hyps)]
     return hyps[:nbest]
 
@@ -312,3 +360,125 @@ def _record(lattice: Lattice, top_s, parent, tok, is_end, sel, beam_scores) -> N
             "parent": parent[b].tolist(), "token": tok[b].tolist(), "logprob": top_s[b].tolist(),
             "finished": is_end[b].tolist(), "kept": kept[b].tolist(),
         })
+
+
+@torch.no_grad()
+def guided_beam_search(model, grid, pooled, guide: Guide, *, beam_size: int = 3, nbest: int = 1, max_len: int = 20,
+                       min_len: int = 1, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
+                       allow_unk: bool = False, ids: SpecialIds = SpecialIds(),
+                       lattice: Optional[Lattice] = None) -> list[list[Hypothesis]]:
+    """Constrained beam search for one disjunctive constraint per image (Anderson et al. 2017,
+    "Guided Open Vocabulary Image Captioning with Constrained Beam Search", EMNLP): each image
+    keeps two banks of ``beam_size`` beams, one whose words do not yet contain a constraint word
+    and one whose words do. A beam of the first bank that adds a constraint word moves to the
+    second; only the second bank's captions may end, so every finished caption contains one of
+    ``guide.words`` and is still the decoder's own fluent sentence (the constraint steers the
+    search, it never pastes a word in). An image whose constraint is empty starts in the met bank
+    and is searched exactly as ``beam_search`` searches it (plus ``guide.penalty``).
+
+    Per step and bank the 2K best extensions are taken, as in ``beam_search``: a met-bank one that
+    ends joins the image's finished pool, an unmet-bank one that ends is dropped, the K best others
+    of each bank live on. The 2K live beams are kept ordered by score across both banks, so the
+    lattice's parent slots read like ``beam_search``'s (its steps list 4K candidates: 2K per bank).
+    If fewer than ``nbest`` captions end within ``max_len`` words, the best live beams of the met
+    bank, then of the unmet bank, fill the list, marked ``finished=False``.
+    """
+    B, K, dev = _lead(grid).size(0), beam_size, _lead(grid).device
+    G = 2 * K  # live slots per image: K per bank
+    npool = max(nbest, K)
+    words = guide.words.to(dev, torch.bool)  # (B, V)
+    penalty = None if guide.penalty is None else guide.penalty.to(dev).float().repeat_interleave(G, 0)
+    state, feats = model.start(grid, pooled)
+    state = tree_map(lambda x: x.repeat_interleave(G, 0), state)  # (B*G, ...)
+    feats = tree_map(lambda x: x.repeat_interleave(G, 0), feats)
+    tokens = torch.full((B * G,), ids.start, dtype=torch.long, device=dev)
+    seqs = torch.zeros(B * G, 0, dtype=torch.long, device=dev)
+    beam_att: Optional[torch.Tensor] = None
+    beam_scores = torch.full((B, G), -math.inf, device=dev)
+    beam_scores[:, 0] = 0.0
+    beam_met = torch.zeros(B, G, dtype=torch.bool, device=dev)
+    beam_met[:, 0] = ~words.any(1)  # nothing to meet: the one starting beam is already in the met bank
+    pool_score = torch.full((B, npool), -math.inf, device=dev)
+    pool_logp = torch.full((B, npool), -math.inf, device=dev)
+    pool_len = torch.zeros(B, npool, dtype=torch.long, device=dev)
+    pool_seq = torch.zeros(B, npool, max_len, dtype=torch.long, device=dev)
+    pool_att: Optional[torch.Tensor] = None
+    if lattice is not None:
+        lattice.steps = [[] for _ in range(B)]
+    rows = torch.arange(B, device=dev).unsqueeze(1)
+    for t in range(max_len):
+        logp, state, att = model.step(tokens, state, feats)  # (B*G, V)
+        if penalty is not None:
+            logp = logp + penalty
+        logp = _constrain(logp, seqs, t, ids, min_len, no_repeat_ngram, allow_unk)
+        V = logp.size(1)
+        if att is not None:
+            step_att = att.unsqueeze(1)
+            beam_att = step_att if beam_att is None else torch.cat([beam_att, step_att], 1)
+            if pool_att is None:
+                pool_att = torch.zeros(B, npool, max_len, att.size(1), device=dev)
+        cand = (beam_scores.view(-1, 1) + logp).view(B, G * V)
+        # A candidate is in the met bank if its parent was, or its word is a constraint word.
+        cand_met = (beam_met.unsqueeze(2) | words.unsqueeze(1)).view(B, G * V)
+        n2 = min(2 * K, G * V)
+        s_u, i_u = cand.masked_fill(cand_met, -math.inf).topk(n2, 1)
+        s_m, i_m = cand.masked_fill(~cand_met, -math.inf).topk(n2, 1)
+        top_s, top_i = torch.cat([s_u, s_m], 1), torch.cat([i_u, i_m], 1)  # (B, 2*n2): unmet bank, met bank
+        top_met = torch.zeros_like(top_i, dtype=torch.bool)
+        top_met[:, n2:] = True
+        parent, tok = top_i // V, top_i % V
+        flat_parent = (rows * G + parent).view(-1)
+        is_end = (tok == ids.end) & torch.isfinite(top_s)
+
+        # Only met-bank captions may finish; an unmet one that ends is dropped.
+        steps = t + 1
+        finish = is_end & top_met
+        end_score = torch.where(finish, top_s / length_norm(steps, length_penalty), torch.full_like(top_s, -math.inf))
+        cand_seq = torch.zeros(B, top_s.size(1), max_len, dtype=torch.long, device=dev)
+        if t > 0:
+            cand_seq[:, :, :t] = seqs[flat_parent].view(B, -1, t)
+        all_score = torch.cat([pool_score, end_score], 1)
+        keep = all_score.topk(npool, 1).indices
+        pool_score = all_score.gather(1, keep)
+        pool_logp = torch.cat([pool_logp, top_s], 1).gather(1, keep)
+        pool_len = torch.cat([pool_len, torch.full_like(tok, t)], 1).gather(1, keep)
+        pool_seq = torch.cat([pool_seq, cand_seq], 1)[rows, keep]
+        if pool_att is not None:
+            cand_att = torch.zeros(B, top_s.size(1), max_len, pool_att.size(3), device=dev)
+            cand_att[:, :, :steps] = beam_att[flat_parent].view(B, -1, steps, pool_att.size(3))
+            pool_att = torch.cat([pool_att, cand_att], 1)[rows, keep]
+
+        # The K best unfinished candidates of each bank live on, ordered by score across banks.
+        live_s = top_s.masked_fill(is_end, -math.inf)
+        s_uk, sel_u = live_s[:, :n2].topk(K, 1)
+        s_mk, sel_m = live_s[:, n2:].topk(K, 1)
+        sc, sel = torch.cat([s_uk, s_mk], 1), torch.cat([sel_u, sel_m + n2], 1)  # (B, G)
+        order = sc.sort(dim=1, descending=True, stable=True).indices
+        beam_scores, sel = sc.gather(1, order), sel.gather(1, order)
+        beam_met = top_met.gather(1, sel)
+        sel_parent = (rows * G + parent.gather(1, sel)).view(-1)
+        tokens = tok.gather(1, sel).view(-1)
+        seqs = torch.cat([seqs[sel_parent], tokens[:, None]], 1)
+        state = tree_map(lambda x: x.index_select(0, sel_parent), state)
+        if beam_att is not None:
+            beam_att = beam_att[sel_parent]
+        if lattice is not None:
+            _record(lattice, top_s, parent, tok, finish, sel, beam_scores)
+
+        # Stop as beam_search does; a live beam of either bank may still reach the pool.
+        best_live = beam_scores.max(1).values
+        reach = max_len if length_penalty > 0 else min(steps + 1, max_len)
+        bound = best_live / length_norm(reach, length_penalty)
+        if bool(((pool_score[:, nbest - 1] >= bound) | ~torch.isfinite(best_live)).all()):
+            break
+
+    out = []
+    for b in range(B):
+        # The fallback prefers live beams that met the constraint: list them first.
+        order = sorted(range(G), key=lambda k: (not bool(beam_met[b, k]), k))
+        idx = torch.tensor([b * G + k for k in order], device=dev)
+        out.append(_collect(0, nbest, pool_score[b:b + 1], pool_logp[b:b + 1], pool_len[b:b + 1],
+                            pool_seq[b:b + 1], None if pool_att is None else pool_att[b:b + 1],
+                            beam_scores[b:b + 1, order], seqs[idx], None if beam_att is None else beam_att[idx],
+                            G, length_penalty, by_score=False))
+    return out

@@ -17,6 +17,7 @@ from .decoding import Ensemble
 from .encoders import Encoder, build_encoder
 from .data import REPO_ROOT, default_data_dir, load_dataset, resolve_data_dir
 from .features import FeatureCache, find_cache
+from .guidance import resolve as resolve_guide
 from .metrics import score_captions
 
 
@@ -24,7 +25,7 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
              beam_size: int = 3, limit: int = 0, features: str | Path | None = None,
              length_penalty: Optional[float] = None, rerank: Optional[float] = None,
              rerank_pool: Optional[int] = None, out: str | Path | None = None, batch_size: int = 64, use_java: Optional[bool] = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, guide=None) -> dict:
     """Caption every image of ``split`` with beam search and score against the references.
 
     Uses the feature cache when one matches the model's encoder and preprocessing (same
@@ -35,6 +36,7 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
     ``split="train"`` with an ensemble makes teacher captions for ``train --extra-captions``.
     ``rerank`` (None: the bundle's) re-ranks the finished captions with the bundle's matcher
     (matcher.py); ``rerank_pool`` (None: the bundle's, 0: ``beam_size``) is how many it considers.
+    ``guide`` is ``Captioner.caption``'s (None: the bundle's default; True/False; a dict of settings).
 
     Returns:
         {"metrics": {...}, "notes": [...], "tokenizer": ..., "split", "n_images", "beam_size", "seconds"}
@@ -73,7 +75,7 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
         else:  # members that read different inputs get one grid each (Ensemble.start)
             grid, pooled = [feats[k][0] for k in keys], [feats[k][1] for k in keys]
         for n, r in zip(names, cap.caption_features(grid, pooled, beam_size=beam_size, length_penalty=length_penalty,
-                                                                rerank=rerank, rerank_pool=rerank_pool)):
+                                                                rerank=rerank, rerank_pool=rerank_pool, guide=guide)):
             preds[n] = r.text
     s = score_captions(preds, {n: ds.captions[n] for n in images}, use_java=use_java, per_image=True)
     recall, per_recall = consensus_recall(preds, {n: ds.captions[n] for n in images}, cap.vocab.itos)
@@ -82,7 +84,8 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
         s.per_image.setdefault(n, {})["consensus_recall"] = r
     res = {"model": [str(m) for m in models] if len(models) > 1 else str(model), "split": split, "n_images": len(images), "beam_size": beam_size,
            "length_penalty": length_penalty, **({"rerank": rerank} if rerank else {}),
-           **({"rerank_pool": rerank_pool} if rerank and rerank_pool else {}), "metrics": {k: round(v, 4) for k, v in s.metrics.items()},
+           **({"rerank_pool": rerank_pool} if rerank and rerank_pool else {}),
+           "guide": (lambda g: g.to_dict() if g else None)(resolve_guide(guide, cap.config)), "metrics": {k: round(v, 4) for k, v in s.metrics.items()},
            "tokenizer": s.tokenizer, "notes": s.notes, "features_from_cache": all(v.cache is not None for v in views.values()),
            "seconds": round(time.time() - t0, 1)}
     outdir = Path(out) if out else _default_out(model, data)

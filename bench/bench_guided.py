@@ -1,0 +1,72 @@
+"""What guided decoding costs (guidance.py; Anderson et al. 2017, "Guided Open Vocabulary Image
+Captioning with Constrained Beam Search"): beam 3 at batch 64 with guidance vs without, the
+bundle's other decoding settings (length penalty, matcher re-ranking) the same both ways.
+
+    python bench/bench_guided.py [--model DIR] [--runs 5] [--split dev] [--data FOLDER]
+
+Two timings, medians over ``--runs`` after a warm-up: decoding alone (cached encoder features ->
+captions) and the whole caption (encoder + decoding, from normalised pixels). Guided search runs
+two banks of beams, but only for the images whose ImageNet head is confident about a word
+(the others are searched exactly as without guidance), so its cost depends on the photos:
+the share of guided photos is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+from captioning import Captioner  # noqa: E402
+from captioning.data import load_dataset  # noqa: E402
+from captioning.evaluate import _View  # noqa: E402
+from captioning.train import DEFAULT_FEATURES  # noqa: E402
+
+
+def median_time(fn, runs: int) -> float:
+    fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--data", default=None, help="default: Flickr8k")
+    ap.add_argument("--split", default="dev")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=64)
+    a = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cap = Captioner.from_pretrained(a.model)
+    ds = load_dataset(a.data)
+    names = ds.split(a.split)[: a.batch]
+    grid, pooled = _View(cap, ds, DEFAULT_FEATURES).features(names)
+    guided_share = sum(bool(r.guided) for r in cap.caption_features(grid, pooled, guide=True)) / len(names)
+    pixels = cap.pixels([ds.path(n) for n in names])
+    rows = []
+    for what, fn in (
+        ("decoding only", lambda g: cap.caption_features(grid, pooled, beam_size=3, guide=g)),
+        ("encoder + decoding", lambda g: cap.caption_features(*cap.encode(pixels), beam_size=3, guide=g)),
+    ):
+        off = median_time(lambda: fn(False), a.runs)
+        on = median_time(lambda: fn(True), a.runs)
+        rows.append((what, off, on))
+    print(f"{len(names)} {a.split} photos of {a.data or 'Flickr8k'}, beam 3, batch {len(names)}, "
+          f"{torch.get_num_threads()} threads; guided photos: {guided_share:.0%}")
+    print("| timing | plain beam 3 | guided | ratio |\n|---|---|---|---|")
+    for what, off, on in rows:
+        print(f"| {what} | {off:.2f} s | {on:.2f} s | {on / off:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

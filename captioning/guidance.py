@@ -1,0 +1,109 @@
+"""Guided decoding: what the encoder's ImageNet head recognises steers beam search.
+
+Anderson et al. 2017, "Guided Open Vocabulary Image Captioning with Constrained Beam Search"
+(EMNLP): when a tagger is confident about a concept, beam search is constrained to captions that
+name it (decoding.guided_beam_search; one disjunctive constraint, two beam banks). Here the tagger
+is the encoder's own ImageNet head, read through ``assets/imagenet_words.json`` (recognition.py):
+a word's evidence is the summed probability of the classes that name it (Egyptian cat 0.79 +
+tiger cat 0.08 + tabby 0.08 gives "cat" 0.95).
+
+Per image, from the same forward pass:
+  * constraint: every vocabulary word whose evidence reaches ``threshold`` ("cat" or "cats";
+    "coffee" or "cup"); none below it, and then the image is decoded as without guidance.
+  * penalties, only for an image with a constraint (the head is confident about something):
+      - ``conflict`` (log-prob) on animal words whose evidence is below 0.01: ImageNet's 398
+        animal classes are mutually exclusive labels of the main subject, so a head confident
+        that the photo shows a cat, or an espresso, all but rules out a dog as the subject.
+        Words that also name things other than animals (kite, crane, boxer, seal) are left out.
+      - ``person`` (log-prob) on person words when the confident concept is not itself
+        something people appear with in the training photos' captions. ImageNet has no person
+        class, so the head can never rule a person out directly; the decoder's Flickr8k prior
+        ("a child is playing in the snow") is what puts people into close-ups of objects.
+    The decoder's own distribution does the rest: the rest of the caption stays its sentence.
+
+Settings live in a bundle's ``config.json`` under ``decoding.guide`` (``on``, ``threshold``,
+``conflict``, ``person``), chosen on dev data (docs/ood.md).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from typing import Optional, Union
+
+import torch
+
+from .decoding import Guide
+from .recognition import class_words, word_evidence
+
+N_ANIMAL_CLASSES = 398  # ImageNet-1k's classes 0..397 are animals (fish to sea urchin ... to the last ape)
+AMBIGUOUS = frozenset({"kite", "kites", "crane", "cranes", "boxer", "boxers", "seal", "seals"})
+# Words the class table lacks but that name the same animals: they share their evidence.
+ALIASES = {"puppy": "dog", "puppies": "dog", "kitten": "cat", "kittens": "cat"}
+PERSON_WORDS = frozenset("""man men woman women boy boys girl girls child children kid kids person people
+baby babies toddler lady ladies guy guys""".split())
+EVIDENCE_FLOOR = 0.01  # below this a word's evidence counts as "ruled out" (word_evidence's own floor)
+
+
+@dataclass(frozen=True)
+class GuideSettings:
+    """threshold: evidence a word needs to be forced; conflict, person: log-prob penalties."""
+
+    threshold: float = 0.5
+    conflict: float = 0.0
+    person: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "GuideSettings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: float(v) for k, v in (d or {}).items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@lru_cache(maxsize=1)
+def animal_words() -> frozenset[str]:
+    _, words = class_words()
+    return frozenset(w for ws in words[:N_ANIMAL_CLASSES] for w in ws if w not in AMBIGUOUS) | frozenset(ALIASES)
+
+
+def plan(logits: torch.Tensor, vocab_itos: list[str], settings: GuideSettings) -> tuple[Guide, list[list[str]]]:
+    """ImageNet logits (B, 1000) -> the Guide for beam search and, per image, its constraint words."""
+    stoi = {w: i for i, w in enumerate(vocab_itos)}
+    B, V = logits.size(0), len(vocab_itos)
+    words = torch.zeros(B, V, dtype=torch.bool)
+    penalty = torch.zeros(B, V)
+    chosen: list[list[str]] = []
+    animals = [w for w in animal_words() if w in stoi]
+    persons = [w for w in PERSON_WORDS if w in stoi]
+    for b, ev in enumerate(word_evidence(logits, set(vocab_itos))):
+        force = [w for w, q in ev.items() if q >= settings.threshold]
+        chosen.append(force)
+        if not force:
+            continue
+        words[b, [stoi[w] for w in force]] = True
+        if settings.conflict:
+            for w in animals:
+                if ev.get(ALIASES.get(w, w), 0.0) < EVIDENCE_FLOOR:
+                    penalty[b, stoi[w]] -= settings.conflict
+        if settings.person:
+            for w in persons:
+                penalty[b, stoi[w]] -= settings.person
+    return Guide(words, penalty if (settings.conflict or settings.person) else None), chosen
+
+
+def resolve(guide: Union[None, bool, dict, GuideSettings], config: dict) -> Optional[GuideSettings]:
+    """What ``Captioner.caption(guide=...)`` means: None -> the bundle's choice (``decoding.guide.on``),
+    False -> off, True -> on with the bundle's settings, a dict or GuideSettings -> on with those."""
+    cfg = (config.get("decoding") or {}).get("guide") or {}
+    if guide is None:
+        guide = bool(cfg.get("on", False))
+    if guide is False:
+        return None
+    if guide is True:
+        return GuideSettings.from_dict(cfg)
+    if isinstance(guide, dict):
+        return GuideSettings.from_dict({**cfg, **guide})
+    if isinstance(guide, GuideSettings):
+        return guide
+    raise ValueError(f"guide must be None, a bool, a dict or GuideSettings, got {type(guide).__name__}")
