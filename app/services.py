@@ -160,11 +160,15 @@ def check_upload(data: Optional[bytes], max_mb: float = MAX_UPLOAD_MB) -> None:
 
 def image_error_message(label: str, e: Exception) -> str:
     """"name: what is wrong" for an image that cannot be used (one line)."""
-    msg = (str(e).splitlines() or [""])[0] or type(e).__name__
-    if msg.startswith("image: "):  # load_image's name for raw bytes
-        msg = msg[len("image: "):]
     if not isinstance(e, ImageError):
-        msg = f"cannot read this image ({type(e).__name__}: {msg})"
+        # Anything else a file provoked deep in a decoder ("IndexError: list index out of range")
+        # says nothing to a user: say what is wrong with the file in words instead.
+        msg = ("the file could not be read as an image: it may be damaged, cut short, or in a format the app "
+               "cannot read (JPEG, PNG, WebP, BMP, GIF and TIFF work)")
+    else:
+        msg = (str(e).splitlines() or [""])[0] or "the file could not be read as an image"
+        if msg.startswith("image: "):  # load_image's name for raw bytes
+            msg = msg[len("image: "):]
     return f"{label}: {msg}" if label and not msg.startswith(label) else msg
 
 
@@ -285,6 +289,7 @@ class CaptionOut:
     attention: Optional[np.ndarray] = None
     lattice: Optional[list[dict]] = None
     seconds: float = 0.0
+    cached: bool = False  # set by the UI when this copy came from its cache
 
     @property
     def best(self) -> dict:
@@ -331,6 +336,36 @@ def caption_many(captioners: dict[str, Any], image: Image.Image, beam_size: int 
 def word_labels(words: Sequence[str]) -> list[str]:
     """Unique, readable labels for a caption's words (the same word can occur twice)."""
     return [f"{w}" if list(words).count(w) == 1 else f"{w} ({i + 1})" for i, w in enumerate(words)]
+
+
+#: Words that carry no content of their own: a map for "a" or "is" explains grammar, not the photo,
+#: so the app starts on the first word not in this list.
+FUNCTION_WORDS = frozenset("""a an the and or of in on at to for with from by into onto over under near
+    is are was were be been being it its his her their there this that these those some while as up down
+    out off through next behind front top""".split())
+
+
+def first_content_word(words: Sequence[str]) -> int:
+    """Index of the first word that is not a function word (0 when every word is one)."""
+    return next((i for i, w in enumerate(words) if w.lower() not in FUNCTION_WORDS), 0)
+
+
+def word_probs(captioner, image: Image.Image, tokens: Sequence[int]) -> list[float]:
+    """p(word | photo, words before it) for every word of a caption (teacher-forced, one forward pass)."""
+    import torch
+
+    scorer = _need("attribution", "word_scorer")(captioner, list(tokens), 0)
+    with COMPUTE_LOCK, torch.no_grad():
+        lp = scorer.all_logprobs(model_pixels(captioner, image)[None])[0]
+    return [float(math.exp(v)) for v in lp[: len(tokens)].tolist()]
+
+
+def word_option_labels(words: Sequence[str], probs: Optional[Sequence[float]] = None) -> list[str]:
+    """Labels for the word control: the word and, when known, the model's probability for it."""
+    labels = word_labels(words)
+    if not probs:
+        return labels
+    return [f"{lab} · {p:.2f}" for lab, p in zip(labels, probs)]
 
 
 # --------------------------------------------------------------------------- scores
@@ -459,14 +494,15 @@ def _need(module: str, name: str):
     return fn
 
 
-def overlay(image: Image.Image, m: np.ndarray, alpha: float = 0.5, signed: bool = False) -> np.ndarray:
+def overlay(image: Image.Image, m: np.ndarray, alpha: float = 0.5, signed: bool = False,
+            cmap: str = "jet") -> np.ndarray:
     """A heat map blended over the image: (H, W, 3) float in [0, 1]."""
     try:
         fn = _need("attribution", "overlay")
     except NotAvailable:
         fn = None
     if fn is not None:
-        return fn(image, m, alpha=alpha, signed=signed)
+        return fn(image, m, alpha=alpha, signed=signed, cmap=cmap)
     # Fallback: plain bilinear upsampling and a jet-like blend.
     from matplotlib import colormaps
 
@@ -474,7 +510,63 @@ def overlay(image: Image.Image, m: np.ndarray, alpha: float = 0.5, signed: bool 
     mm = np.asarray(Image.fromarray(np.asarray(m, np.float32)).resize(image.size, Image.BILINEAR))
     mm = np.clip(mm, 0, None)
     mm = mm / mm.max() if mm.max() > 0 else mm
-    return np.clip((1 - alpha) * img + alpha * colormaps["jet"](mm)[..., :3], 0, 1).astype(np.float32)
+    return np.clip((1 - alpha) * img + alpha * colormaps[cmap](mm)[..., :3], 0, 1).astype(np.float32)
+
+
+#: One colour map for every heat map in the app (attributions, attention, encoder channels):
+#: perceptually uniform, so equal steps in value look like equal steps in colour.
+CMAP = "inferno"
+#: Methods whose maps are per-pixel gradients: speckled and signed, so for display they are shown
+#: as |value|, lightly smoothed and clipped at a high percentile (Smilkov et al. 2017; Sundararajan
+#: et al. 2017 show them this way). Scores and faithfulness checks always use the raw maps.
+PIXEL_METHODS = frozenset({"integrated_gradients", "gradient_shap", "smoothgrad", "saliency", "input_x_gradient"})
+DISPLAY_PERCENTILE = 99.0
+SMOOTH_SIGMA = 0.015  # Gaussian sigma as a fraction of the map's side (about 3 px at 224)
+
+
+def display_map(m: np.ndarray, method: str = "") -> np.ndarray:
+    """A map scaled to [0, 1] for display only (never for scores).
+
+    Pixel methods: |map|, Gaussian-smoothed, then divided by its 99th percentile and clipped.
+    Other maps (Grad-CAM, attention, occlusion, channels): negative values set to 0, then divided
+    by the 99th percentile and clipped. So 1 means "among the map's strongest 1%" on every map."""
+    a = np.asarray(m, dtype=np.float32)
+    if method in PIXEL_METHODS:
+        from scipy.ndimage import gaussian_filter
+
+        a = gaussian_filter(np.abs(a), sigma=max(0.5, SMOOTH_SIGMA * max(a.shape)))
+    else:
+        a = np.clip(a, 0, None)
+    top = float(np.percentile(a, DISPLAY_PERCENTILE)) if a.size else 0.0
+    if top <= 0:
+        top = float(a.max()) if a.size else 0.0
+    return np.zeros_like(a) if top <= 0 else np.clip(a / top, 0.0, 1.0).astype(np.float32)
+
+
+def map_normalisation(method: str = "") -> str:
+    """The sentence that states how a method's map was scaled for display."""
+    if method in PIXEL_METHODS:
+        return (f"|attribution|, smoothed (Gaussian, σ = {SMOOTH_SIGMA * 100:g}% of the side), divided by its own "
+                f"{DISPLAY_PERCENTILE:g}th percentile and clipped to 1 — for display; the checks use the raw map")
+    return (f"negative values set to 0, divided by the map's own {DISPLAY_PERCENTILE:g}th percentile and clipped "
+            "to 1")
+
+
+def colour_scale_html(note: str = "", cmap: str = CMAP, width: int = 220) -> str:
+    """A small horizontal colour bar (HTML, no image) with its 0 and 1 ends and what they mean."""
+    from matplotlib import colormaps
+
+    cm = colormaps[cmap]
+    stops = ", ".join("#%02x%02x%02x" % tuple(int(255 * c) for c in cm(i / 8)[:3]) for i in range(9))
+    return (f'<div class="colour-scale" style="display:flex;align-items:center;gap:0.4rem;font-size:0.8rem;'
+            f'opacity:0.85;flex-wrap:wrap"><span>0</span><span style="display:inline-block;width:{width}px;'
+            f'height:10px;border-radius:2px;background:linear-gradient(to right, {stops})"></span><span>1</span>'
+            + (f"<span>{note}</span>" if note else "") + "</div>")
+
+
+def map_overlay(image: Image.Image, m: np.ndarray, method: str = "") -> np.ndarray:
+    """The map as the app shows it: ``display_map`` in the app's colour map over the photo."""
+    return overlay(image, display_map(m, method), cmap=CMAP)
 
 
 def model_pixels(captioner, image: Image.Image):
@@ -493,7 +585,7 @@ def attention_overlay(image: Image.Image, attention: Optional[np.ndarray], t: in
     """The decoder's attention at word t over the image, or None for a decoder without attention."""
     if attention is None or not 0 <= t < len(attention):
         return None
-    return overlay(image, np.asarray(attention[t], dtype=np.float32))
+    return map_overlay(image, np.asarray(attention[t], dtype=np.float32), "attention")
 
 
 def methods_for(captioner) -> list[str]:
@@ -567,9 +659,17 @@ def attribution_map(captioner, image: Image.Image, tokens: Sequence[int], t: int
     return np.asarray(a.map, dtype=np.float32), meta
 
 
+#: Seeded random block orders averaged for the baseline: one order over 16 steps is noisy enough
+#: to flip a verdict, so a map counts only outside their band (mean ± 1 standard deviation).
+RANDOM_SEEDS = 5
+
+
 @dataclass
 class Faithfulness:
-    """Deletion / insertion AUCs of one map against the random-order baseline."""
+    """Deletion / insertion AUCs of one map against the random-order baseline.
+
+    random_*_auc: the mean over the seeded random orders; random_*_band: their mean ± 1 standard
+    deviation (equal to the mean when there was one order)."""
 
     method: str
     deletion_auc: float
@@ -577,31 +677,91 @@ class Faithfulness:
     random_deletion_auc: float
     random_insertion_auc: float
     curves: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    random_deletion_band: Optional[tuple[float, float]] = None
+    random_insertion_band: Optional[tuple[float, float]] = None
+    seeds: int = 1
+
+    def __post_init__(self):
+        if self.random_deletion_band is None:
+            self.random_deletion_band = (self.random_deletion_auc, self.random_deletion_auc)
+        if self.random_insertion_band is None:
+            self.random_insertion_band = (self.random_insertion_auc, self.random_insertion_auc)
 
     @property
     def beats_random(self) -> bool:
-        """Lower deletion AUC and higher insertion AUC than the random order."""
-        return self.deletion_auc < self.random_deletion_auc and self.insertion_auc > self.random_insertion_auc
+        """Deletion AUC below the random band and insertion AUC above it: a map inside the band
+        is not evidence of anything."""
+        return (self.deletion_auc < self.random_deletion_band[0]
+                and self.insertion_auc > self.random_insertion_band[1])
+
+    @property
+    def verdict(self) -> str:
+        """"faithful", "worse than random" (outside the band on the wrong side of either curve)
+        or "inside the random band"."""
+        if self.beats_random:
+            return "faithful"
+        if self.deletion_auc > self.random_deletion_band[1] or self.insertion_auc < self.random_insertion_band[0]:
+            return "worse than random"
+        return "inside the random band"
 
 
 def faithfulness(captioner, image: Image.Image, tokens: Sequence[int], t: int, maps: dict[str, np.ndarray],
-                 steps: int = 16) -> list[Faithfulness]:
-    """Deletion/insertion for several maps of one word; the random baseline is computed once."""
+                 steps: int = 16, seeds: int = RANDOM_SEEDS) -> list[Faithfulness]:
+    """Deletion/insertion for several maps of one word against ``seeds`` seeded random orders
+    (computed once, shared by every map). The curves hold the random mean and its band
+    ("random deletion low"/"high": the pointwise mean ∓ 1 standard deviation of the orders)."""
     run = _need("faithfulness", "deletion_insertion")
     rand_fn = _need("faithfulness", "random_baselines")
     out = []
+    seeds = max(1, int(seeds))
+
+    def xy(c):
+        return list(map(float, c.fractions)), list(map(float, c.probs))
+
     with COMPUTE_LOCK:
         pixels = model_pixels(captioner, image)
-        rand = rand_fn(captioner, pixels, list(tokens), int(t), steps=steps)
+        rands = [rand_fn(captioner, pixels, list(tokens), int(t), steps=steps, seed=s) for s in range(seeds)]
+        band = {}
+        for i, kind in enumerate(("deletion", "insertion")):
+            x = list(map(float, rands[0][i].fractions))
+            ys = np.array([c[i].probs for c in rands], dtype=np.float64)
+            aucs = np.array([float(c[i].auc) for c in rands])
+            mu, sd = float(aucs.mean()), float(aucs.std())
+            band[kind] = (mu, (mu - sd, mu + sd),
+                          {f"random {kind}": (x, ys.mean(0).tolist()),
+                           f"random {kind} low": (x, (ys.mean(0) - ys.std(0)).tolist()),
+                           f"random {kind} high": (x, (ys.mean(0) + ys.std(0)).tolist())})
         for method, m in maps.items():
-            r = run(captioner, pixels, list(tokens), int(t), m, steps=steps, random_curves=rand)
-            curves = {name: (list(map(float, c.fractions)), list(map(float, c.probs)))
-                      for name, c in (("deletion", r.deletion), ("insertion", r.insertion),
-                                      ("random deletion", r.random_deletion),
-                                      ("random insertion", r.random_insertion))}
-            out.append(Faithfulness(method, r.deletion.auc, r.insertion.auc, r.random_deletion.auc,
-                                    r.random_insertion.auc, curves))
+            r = run(captioner, pixels, list(tokens), int(t), m, steps=steps, random_curves=rands[0])
+            curves = {"deletion": xy(r.deletion), "insertion": xy(r.insertion), **band["deletion"][2],
+                      **band["insertion"][2]}
+            out.append(Faithfulness(method, r.deletion.auc, r.insertion.auc, band["deletion"][0], band["insertion"][0],
+                                    curves, band["deletion"][1], band["insertion"][1], seeds))
     return out
+
+
+#: Said beside every faithfulness verdict: the check is about the map, not the caption.
+FAITHFUL_IS_NOT_CORRECT = ("A faithful map is not a correct caption: it shows why the model said the word, right or "
+                           "wrong (a wrong “dog” in a kitchen can have a faithful map).")
+
+
+#: Adebayo et al.'s model-randomisation check passes when the map's rank correlation with the map
+#: of a decoder with re-initialised weights is below this (the threshold the slow tests use on
+#: the shipped default, tests/test_explain_faithfulness.py).
+RANDOMISATION_MAX_RHO = 0.4
+
+
+def randomisation_check(captioner, image: Image.Image, tokens: Sequence[int], t: int, method: str) -> dict[str, Any]:
+    """The model-randomisation check for one word and method: {"spearman", "passes"}.
+
+    The decoder's weights are re-initialised (in a copy) and the map recomputed; a map that
+    barely changes does not depend on what the model learned (Adebayo et al. 2018)."""
+    fn = _need("faithfulness", "model_randomisation")
+    opts = dict(FAST_OPTIONS.get(method, {}))
+    with COMPUTE_LOCK:
+        r = fn(captioner, model_pixels(captioner, image), list(tokens), int(t), method=method, target="decoder", **opts)
+    rho = float(r.spearman)
+    return {"method": method, "spearman": rho, "passes": bool(np.isfinite(rho) and rho < RANDOMISATION_MAX_RHO)}
 
 
 def faithfulness_figure(results: Sequence[Faithfulness]):
@@ -612,8 +772,15 @@ def faithfulness_figure(results: Sequence[Faithfulness]):
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Deletion (lower is better)", "Insertion (higher is better)"))
     for col, kind in ((1, "deletion"), (2, "insertion")):
         if results:
-            x, y = results[0].curves[f"random {kind}"]
-            fig.add_trace(go.Scatter(x=x, y=y, name="random order", line=dict(dash="dash", color="grey"),
+            c = results[0].curves
+            if f"random {kind} low" in c:  # the spread of the seeded random orders, as a band
+                (x, lo), (_, hi) = c[f"random {kind} low"], c[f"random {kind} high"]
+                fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(128,128,128,0.25)",
+                                         line=dict(width=0), hoverinfo="skip", legendgroup="random",
+                                         name=f"random orders ({results[0].seeds}): mean ± 1 SD",
+                                         showlegend=col == 1), 1, col)
+            x, y = c[f"random {kind}"]
+            fig.add_trace(go.Scatter(x=x, y=y, name="random orders (mean)", line=dict(dash="dash", color="grey"),
                                      showlegend=col == 1, legendgroup="random"), 1, col)
         for i, r in enumerate(results):
             x, y = r.curves[kind]
@@ -719,7 +886,7 @@ def top_channel_maps(captioner, image: Image.Image, layer: str, k: int = 8) -> l
         pixels = model_pixels(captioner, image)
         acts = acts_fn(captioner.encoder, pixels, layer)
     top = top_fn(acts, k)
-    views = montage(image, acts, [c for c, _ in top])
+    views = montage(image, acts, [c for c, _ in top], cmap=CMAP)  # the app's one colour map
     return [{"channel": c, "mean": m, "overlay": to_uint8(v)} for (c, m), v in zip(top, views)]
 
 
@@ -987,26 +1154,51 @@ def training_curves(model_path: str) -> Optional[list[dict[str, float]]]:
     return rows or None
 
 
+def _is_scst(r: dict) -> bool:
+    return r.get("stage") == "scst" or r.get("train_reward") is not None
+
+
 def curves_figure(rows: list[dict[str, Optional[float]]]):
-    """Loss and validation-score curves over epochs (two panels)."""
+    """Loss and validation-score curves over epochs. A self-critical (SCST) epoch's training loss
+    is a policy-gradient loss (it can be negative), not a cross-entropy: it gets its own panel
+    with the mean reward, instead of diving off the cross-entropy line."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     x = [r.get("epoch") for r in rows]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Validation scores"))
+    scst = [_is_scst(r) for r in rows]
+    ncol = 3 if any(scst) else 2
+    titles = ("Cross-entropy loss", "Self-critical epochs", "Validation scores") if ncol == 3 else \
+        ("Loss", "Validation scores")
+    fig = make_subplots(rows=1, cols=ncol, subplot_titles=titles)
     for key, name in (("train_loss", "train loss"), ("val_loss", "validation loss")):
-        if any(r.get(key) is not None for r in rows):
-            fig.add_trace(go.Scatter(x=x, y=[r.get(key) for r in rows], mode="lines+markers", name=name), 1, 1)
+        # The cross-entropy panel leaves out the SCST epochs' training loss (another quantity).
+        ys = [None if (key == "train_loss" and s) else r.get(key) for r, s in zip(rows, scst)]
+        if any(y is not None for y in ys):
+            fig.add_trace(go.Scatter(x=x, y=ys, mode="lines+markers", name=name), 1, 1)
+    if ncol == 3:
+        for key, name in (("train_loss", "SCST policy loss"), ("train_reward", "mean SCST reward (CIDEr-D)")):
+            ys = [r.get(key) if s else None for r, s in zip(rows, scst)]
+            if any(y is not None for y in ys):
+                fig.add_trace(go.Scatter(x=x, y=ys, mode="lines+markers", name=name), 1, 2)
     for key, name in (("val_bleu4", "BLEU-4"), ("val_cider", "CIDEr")):
         if any(r.get(key) is not None for r in rows):
-            fig.add_trace(go.Scatter(x=x, y=[r.get(key) for r in rows], mode="lines+markers", name=name), 1, 2)
+            fig.add_trace(go.Scatter(x=x, y=[r.get(key) for r in rows], mode="lines+markers", name=name), 1, ncol)
     # A fine-tuned model's curve joins two runs: mark where each later stage starts.
     for prev, r in zip(rows, rows[1:]):
         if r.get("stage") and prev.get("stage") and r["stage"] != prev["stage"] and r.get("epoch") is not None:
-            for col in (1, 2):
+            for col in range(1, ncol + 1):
                 fig.add_vline(x=r["epoch"] - 0.5, line_dash="dot", line_color="grey", row=1, col=col)
             fig.add_annotation(x=r["epoch"] - 0.5, y=1.0, yref="paper", text=f"{r['stage']} from here",
                                showarrow=False, xanchor="left", font=dict(size=11, color="grey"))
     fig.update_xaxes(title_text="epoch")
     fig.update_layout(height=360, margin=dict(l=10, r=10, t=40, b=10))
     return fig
+
+
+def curve_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training-curve rows for a table, without columns that say nothing: empty in every
+    row, or 0 in every row (e.g. sample_prob when scheduled sampling was off)."""
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+            if any(r.get(k) not in (None, 0, 0.0, "") for r in rows)]
+    return [{k: r.get(k) for k in keys} for r in rows]

@@ -127,6 +127,91 @@ def flickr_photos() -> list[str]:
     return sv.flickr_test_photos()
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def word_probs(model_key: str, digest: str, tokens: tuple, _model, _image) -> list[float]:
+    return sv.word_probs(_model, _image, tokens)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def randomisation(model_key: str, digest: str, tokens: tuple, t: int, method: str, _model, _image) -> dict:
+    return sv.randomisation_check(_model, _image, tokens, t, method)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def thumbnail(source: str, name: str):
+    """A small square-ish copy of an example photo, for the row of examples."""
+    data = sv.sample_bytes(name) if source == "Sample photo" else sv.flickr_bytes(name)
+    return sv.display_copy(sv.decode_image(data), 160)
+
+
+# --------------------------------------------------------------------------- shared widgets
+
+#: Let the word buttons wrap onto more lines and never cut a word short ("forma…").
+WORD_CSS = ("<style>[data-testid='stButtonGroup'] button{max-width:none;}"
+            "[data-testid='stButtonGroup'] button *{white-space:nowrap;overflow:visible;"
+            "text-overflow:clip;max-width:none;}</style>")
+
+
+def word_picker(words, probs, key: str, label: str = "Word") -> int:
+    """One word control for every page: the caption's words as buttons that wrap, each with the
+    model's probability for it; the first content word ("dog", not "a") is selected at first."""
+    labels = sv.word_option_labels(words, probs)
+    st.markdown(WORD_CSS, unsafe_allow_html=True)
+    t = st.pills(label, list(range(len(words))), format_func=lambda i: labels[i],
+                 default=sv.first_content_word(words), key=key,
+                 help="Each word with p(word | photo, the words before it)" if probs else None)
+    return sv.first_content_word(words) if t is None else int(t)
+
+
+def use_example(source: str, name: str) -> None:
+    """Button callback: show this example photo (runs before the sidebar is drawn again)."""
+    st.session_state["source"] = source
+    st.session_state["sample" if source == "Sample photo" else "flickr"] = name
+
+
+#: A few Flickr8k test photos for the row of examples: people and dogs, what the model knows best.
+EXAMPLE_FLICKR = 3
+
+
+@st.cache_data(show_spinner=False, max_entries=1)
+def examples() -> list[tuple[str, str]]:
+    """(source, name) of the example photos: the package samples, then a few Flickr8k test photos
+    (when the data is there) whose references all mention a dog or a person."""
+    out = [("Sample photo", n) for n in sv.sample_names()]
+    photos = flickr_photos()
+    if photos:
+        picks = []
+        for word in ("dog", "man", "girl"):
+            found = [n for n in sv.find_photos_mentioning(word, "test", min_refs=5) if n not in picks]
+            picks += found[:1]
+        out += [("Flickr8k test photo", n) for n in picks[:EXAMPLE_FLICKR]]
+    return out
+
+
+def example_row(key: str = "ex") -> None:
+    """A row of example thumbnails, each with a button that shows it."""
+    ex = examples()
+    cols = st.columns(len(ex))
+    for i, (col, (source, name)) in enumerate(zip(cols, ex)):
+        try:
+            col.image(thumbnail(source, name), width="stretch")
+        except Exception:  # noqa: BLE001 - a missing example only loses its picture
+            pass
+        label = name if source == "Sample photo" else f"Flickr8k {i - len(sv.sample_names()) + 1}"
+        col.button(label, key=f"{key}-{i}", on_click=use_example, args=(source, name), width="stretch",
+                   help=name if source != "Sample photo" else None)
+
+
+def random_flickr() -> None:
+    """Button callback: a random Flickr8k test photo."""
+    import random
+
+    photos = flickr_photos()
+    if photos:
+        st.session_state["source"] = "Flickr8k test photo"
+        st.session_state["flickr"] = random.choice(photos)
+
+
 # --------------------------------------------------------------------------- shared state
 
 
@@ -163,7 +248,8 @@ def load_model(m: sv.ModelInfo):
     try:
         return captioner(m.key, m.path, m.encoder)
     except Exception as e:  # noqa: BLE001 - BundleError, EncoderUnavailable, torch errors: all shown
-        st.error(f"Model {m.name} cannot be loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        st.error(f"Model {m.name} cannot be loaded: "
+                 f"{str(e).splitlines()[0] if str(e) else 'its files could not be read (damaged or incomplete)'}")
         return None
 
 
@@ -201,6 +287,7 @@ def sidebar() -> Current:
     else:
         photos = flickr_photos()
         fname = sb.selectbox("Flickr8k test photo", photos, key="flickr", help="Shown with its five reference captions")
+        sb.button("Random photo", key="flickr_random", on_click=random_flickr, icon=":material/shuffle:")
         try:
             data, label = sv.flickr_bytes(fname), fname
         except ImageError as e:
@@ -237,13 +324,16 @@ def current() -> Current:
     return cur if cur is not None else sidebar()
 
 
-def require_image(cur: Current) -> bool:
-    """Show the image problem (or the prompt to choose one); True when there is an image."""
+def require_image(cur: Current, show_examples: bool = False) -> bool:
+    """Show the image problem (or the prompt to choose one); True when there is an image.
+    show_examples: under the prompt, the row of example photos (never a blank page)."""
     if cur.error:
         st.error(f"Cannot use this file — {cur.error}. Choose another photo.")
         return False
     if cur.image is None:
-        st.info("Upload a photo or choose one in the sidebar.")
+        st.info("Upload a photo or choose one in the sidebar" + (", or start from an example:" if show_examples else "."))
+        if show_examples:
+            example_row("ex-empty")
         return False
     return True
 
@@ -261,9 +351,15 @@ def current_caption(cur: Current, model=None):
     model = model or require_captioner(cur)
     if model is None or cur.image is None:
         return None, None
+    import time
+
+    t0 = time.perf_counter()
     try:
         out = caption(cur.model.key, cur.digest, cur.beam, cur.length_penalty, cur.nbest, model, cur.full, cur.rerank)
     except ImageError as e:
         st.error(str(e))
         return None, None
+    # out.seconds is the time of the computation when it happened; a cache hit returns it again,
+    # so a result that came back much faster than it took is marked as cached (each hit is a copy).
+    out.cached = time.perf_counter() - t0 < 0.5 * out.seconds
     return model, out

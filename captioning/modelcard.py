@@ -181,6 +181,66 @@ def _curve(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+#: Measured limitations of the shipped models, quoted from docs/results.md ("Biases", measured on
+#: 2026-12-01 over each model's captions of the 1,000 test photos) and docs/ood.md (familiarity):
+#: a card states only numbers that were measured, and points to where.
+MEASURED_LIMITS: dict[str, dict[str, str]] = {
+    "show_attend_tell": {
+        "distinct": "892 distinct captions for the 1,000 test photos (people wrote 4,993 for 5,000); its most "
+                    "repeated caption, \"two dogs are running in the grass\", is used for 6 photos",
+        "overuse": "\"bench\" in 5.9% of its captions against 0.8% of the references (7.2×), \"shirt\" 26.3% "
+                   "against 4.3% (6.1×), \"running\" 18.4% against 4.4% (4.2×); \"boy\" 15.7% against 9.7% but "
+                   "\"girl\" 6.5% against 8.2%",
+        "ood": "On 130 COCO photos its mean per-photo CIDEr-D is 0.205, against 0.553 on the Flickr8k test photos, "
+               "and 16.9% of them are flagged \"unfamiliar\" (3.8% of the Flickr8k test photos). The familiarity "
+               "score ranks photos by how likely the caption is good, roughly (Spearman 0.371 with per-photo "
+               "CIDEr-D over both sets); it is not a guarantee",
+    },
+    "show_tell": {
+        "distinct": "474 distinct captions for the 1,000 test photos (people wrote 4,993 for 5,000); three captions "
+                    "are used 20 times each, e.g. \"a little boy in a red shirt is sitting on a swing\"",
+        "overuse": "it over-uses the same words as the default, harder: \"bench\" about 12× and \"shirt\" about "
+                   "9× as often as the references, and \"hurdle\" about 16×",
+    },
+    "merge": {
+        "distinct": "436 distinct captions for the 1,000 test photos (people wrote 4,993 for 5,000); \"a group of "
+                    "people sit on a bench\" is used for 26 photos",
+        "overuse": "it over-uses the same words as the default, harder: \"bench\" about 18× and \"shirt\" about "
+                   "9× as often as the references, and \"hurdle\" about 12×",
+    },
+}
+
+
+def use_and_limitations(name: str) -> list[str]:
+    """The card's "Intended use" and "Limitations" sections (markdown lines)."""
+    m = MEASURED_LIMITS.get(name, {})
+    lines = ["## Intended use", "",
+             "Teaching and research: seeing how a small CNN + recurrent captioner works, what its words rest on "
+             "(the app's attribution maps and their faithfulness checks) and how it fails. Not for describing "
+             "photos to people who rely on the description (e.g. alt text for blind users), not for any decision "
+             "about a person, and not for photos unlike Flickr8k's without reading the familiarity score.", "",
+             "## Limitations", "",
+             "- **What it knows**: Flickr8k, 6,000 training photos, mostly people and dogs outdoors, with a "
+             "vocabulary of the words seen at least 5 times in their captions. Other photos get guesses from that "
+             "world (a kitchen can become a dog on grass)."]
+    if "ood" in m:
+        lines.append(f"- **Unfamiliar photos** (docs/ood.md): {m['ood']}.")
+    else:
+        lines.append("- **Unfamiliar photos**: no familiarity score ships with this model; the default "
+                     "(`show_attend_tell`) measures how far a photo is from the training photos (docs/ood.md).")
+    if "distinct" in m:
+        lines.append(f"- **Repeated captions** (docs/results.md, Flickr8k test): {m['distinct']}.")
+    if "overuse" in m:
+        lines.append(f"- **Over-used words** (docs/results.md, share of its captions against the share of the "
+                     f"references on the same photos): {m['overuse']}.")
+    if not m:
+        lines.append("- **Repeated captions and over-used words**: not measured for this model; docs/results.md "
+                     "has the measurement for the shipped ones.")
+    lines += ["- **Scores**: BLEU, METEOR, ROUGE-L and CIDEr above are over the 1,000 test photos; on one photo "
+              "BLEU-4 is often 0 even for a good caption.", ""]
+    return lines
+
+
 def write_card(model: str | Path, command: str, notes: str = "") -> Path:
     """MODEL_CARD.md from the bundle's config, its metrics.json and training curve."""
     model = Path(model)
@@ -291,8 +351,9 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
                   "| " + " | ".join(f"{v:.3f}" for v in metrics["metrics"].values()) + " |", ""]
     else:
         lines += ["Not evaluated yet.", ""]
-    lines += [f"Published reference: {PUBLISHED.get(kind, 'n/a')}", "",
-              "## Reproduce", "", "```bash", command, "```", ""]
+    lines += [f"Published reference: {PUBLISHED.get(kind, 'n/a')}", ""]
+    lines += use_and_limitations(model.name)
+    lines += ["## Reproduce", "", "```bash", command, "```", ""]
     if notes:
         lines += ["## Notes", "", notes, ""]
     lines += ["Training curve: `metrics.csv` (epoch, train/val loss, greedy val BLEU-4 and CIDEr, lr, seconds"

@@ -27,7 +27,6 @@ except sv.NotAvailable as e:
     st.info(str(e))
     st.stop()
 tokens = tuple(out.tokens)
-labels = sv.word_labels(words)
 key = f"{cur.model.key}-{cur.digest}-{'-'.join(map(str, tokens))}"
 title = sv.METHOD_TITLES.get
 
@@ -56,12 +55,18 @@ if section == SECTIONS[0]:
             except (sv.NotAvailable, ValueError) as e:
                 st.info(str(e))
                 break
-            cols[t % ncol].image(sv.overlay(cur.image, m), caption=f"{t + 1}. {w}", width="stretch", clamp=True)
+            cols[t % ncol].image(sv.map_overlay(cur.image, m, method), caption=f"{t + 1}. {w}", width="stretch",
+                                 clamp=True)
+    st.markdown(sv.colour_scale_html(f"each map on its own: {sv.map_normalisation(method)}"), unsafe_allow_html=True)
     if method in sv.NOT_EXPLANATIONS:
         st.caption(sv.NOT_EXPLANATIONS[method])
 
 elif section == SECTIONS[1]:
-    t = st.selectbox("Word", list(range(len(words))), format_func=lambda i: labels[i], key=f"cmp-word-{key}")
+    try:
+        probs = ui.word_probs(cur.model.key, cur.digest, tokens, model, cur.full)
+    except (sv.NotAvailable, ValueError):
+        probs = None
+    t = ui.word_picker(words, probs, key=f"cmp-word-{key}", label="Word (with its probability)")
     default = [m for m in ("grad_cam", "integrated_gradients") if m in methods]
     chosen = st.multiselect("Methods", methods, default=default, format_func=lambda m: title(m, m), key="cmp_methods")
     maps = {}
@@ -74,12 +79,17 @@ elif section == SECTIONS[1]:
                 except (sv.NotAvailable, ValueError) as e:
                     cols[i % len(cols)].info(f"{title(m, m)}: {e}")
                     continue
-                cols[i % len(cols)].image(sv.overlay(cur.image, maps[m]), caption=title(m, m), width="stretch",
-                                          clamp=True)
-    st.markdown("#### Deletion / insertion against a random order")
+                cols[i % len(cols)].image(sv.map_overlay(cur.image, maps[m], m), caption=title(m, m),
+                                          width="stretch", clamp=True)
+        if maps:
+            st.markdown(sv.colour_scale_html("; ".join(f"{title(m, m)}: {sv.map_normalisation(m)}" for m in maps)),
+                        unsafe_allow_html=True)
+    st.markdown("#### Deletion / insertion against random orders")
     st.caption("Blocks of pixels are removed (deletion) or revealed (insertion) in the order a map ranks them, and the "
                "word's probability is tracked (Petsiuk et al. 2018). A faithful map has a lower deletion area and a "
-               "higher insertion area than the same blocks in random order.")
+               f"higher insertion area than {sv.RANDOM_SEEDS} seeded random orders of the same blocks, outside their "
+               "band (grey: mean ± 1 standard deviation); inside it, it is not evidence either way. "
+               + sv.FAITHFUL_IS_NOT_CORRECT)
     run = st.toggle("Run the check", value=True, key="run_faith")
     if run and maps:
         try:
@@ -89,17 +99,36 @@ elif section == SECTIONS[1]:
             st.info(str(e))
         else:
             rows = [{"method": title(r.method, r.method), "deletion AUC ↓": round(r.deletion_auc, 4),
-                     "random deletion": round(r.random_deletion_auc, 4), "insertion AUC ↑": round(r.insertion_auc, 4),
+                     "random deletion": round(r.random_deletion_auc, 4),
+                     "random deletion band": "{:.4f}–{:.4f}".format(*r.random_deletion_band),
+                     "insertion AUC ↑": round(r.insertion_auc, 4),
                      "random insertion": round(r.random_insertion_auc, 4),
+                     "random insertion band": "{:.4f}–{:.4f}".format(*r.random_insertion_band),
                      "beats random": "yes" if r.beats_random else "NO"} for r in res]
             st.dataframe(rows, hide_index=True, width="stretch")
             losers = [title(r.method, r.method) for r in res if not r.beats_random]
             if losers:
                 st.warning(f"Not better than random for “{words[t]}”: {', '.join(losers)}. Treat these maps with "
-                           "suspicion for this word.")
+                           "suspicion for this word (outside the random band on the wrong side, or inside it).")
             else:
                 st.success(f"Every map beats the random order for “{words[t]}”.")
             st.plotly_chart(sv.faithfulness_figure(res), key=f"faith-{key}-{t}")
+    st.markdown("#### Model-randomisation check")
+    st.caption("The decoder's weights are re-initialised (in a copy) and each map recomputed (Adebayo et al. 2018). A "
+               "map that barely changes does not depend on what the model learned: it passes when the rank "
+               f"correlation of the two maps is below {sv.RANDOMISATION_MAX_RHO:g}.")
+    if maps and st.button("Run the randomisation check", key="run_random", icon=":material/shuffle:"):
+        st.session_state.setdefault("random_done", set()).add((key, t, tuple(maps)))
+    if maps and (key, t, tuple(maps)) in st.session_state.get("random_done", set()):
+        try:
+            with st.spinner("Recomputing the maps with a randomised decoder..."):
+                checks = [ui.randomisation(cur.model.key, cur.digest, tokens, t, m, model, cur.full) for m in maps]
+        except (sv.NotAvailable, ValueError) as e:
+            st.info(str(e))
+        else:
+            st.dataframe([{"method": title(c["method"], c["method"]), "Spearman with randomised decoder ↓":
+                           round(c["spearman"], 3), "passes": "yes" if c["passes"] else "NO"} for c in checks],
+                         hide_index=True, width="stretch", key=f"random-table-{key}-{t}")
     for m in maps:
         if m in sv.NOT_EXPLANATIONS:
             st.caption(sv.NOT_EXPLANATIONS[m])

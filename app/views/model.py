@@ -3,6 +3,7 @@ and every available decoder captioning the same photo side by side."""
 from __future__ import annotations
 
 import html
+import time
 
 import streamlit as st
 
@@ -52,7 +53,7 @@ with tab_curves:
         st.info(f"No metrics.csv (training curve) in {m.path}.")
     else:
         st.plotly_chart(sv.curves_figure(rows), key=f"curves-{m.key}")
-        st.dataframe(rows, hide_index=True, width="stretch")
+        st.dataframe(sv.curve_table(rows), hide_index=True, width="stretch")
 
 with tab_compare:
     if not ui.require_image(cur):
@@ -68,13 +69,17 @@ with tab_compare:
                     continue
                 # Each model re-ranks as its bundle says, unless the sidebar turned re-ranking off.
                 rerank = x.rerank if cur.rerank or not (cur.model and cur.model.rerank) else 0.0
+                t0 = time.perf_counter()
                 out = ui.caption(x.key, cur.digest, cur.beam, cur.length_penalty, 1, cap, cur.full, rerank)
+                # A cache hit returns the first computation's time: say "cached" rather than a stale figure.
+                took = "cached" if time.perf_counter() - t0 < 0.5 * out.seconds else f"{out.seconds * 1000:.0f} ms"
                 st.markdown(f'<p class="compare-caption" style="font-size:1.3rem;font-weight:600">'
                             f"{html.escape(out.text)}</p>", unsafe_allow_html=True)
-                st.caption(f"log-probability {out.best['logprob']:.2f} · {out.seconds * 1000:.0f} ms")
+                st.caption(f"log-probability {out.best['logprob']:.2f} · {took}")
                 if out.attention is not None:
-                    st.image(sv.attention_overlay(cur.image, out.attention, 0), clamp=True, width="stretch",
-                             caption=f"attention for “{out.words[0]}”" if out.words else "attention")
+                    w0 = sv.first_content_word(out.words)
+                    st.image(sv.attention_overlay(cur.image, out.attention, w0), clamp=True, width="stretch",
+                             caption=f"attention for “{out.words[w0]}”" if out.words else "attention")
         if cur.flickr_name:
             refs = sv.flickr_references(cur.flickr_name)
             if refs:
