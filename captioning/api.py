@@ -173,6 +173,10 @@ class Captioner:
         decoder = dec0 if len(loaded) == 1 else Ensemble([d for d, _, _ in loaded])
         # An ensemble's beams are not re-ranked: its members' matchers could disagree.
         matcher = _load_matcher_checked(paths[0]) if len(loaded) == 1 else None
+        try:  # the guidance settings (decoding.guide) are checked here, not at the first caption
+            resolve_guide(True, cfg)
+        except ValueError as e:
+            raise BundleError(f"{Path(paths[0]) / 'config.json'}: {e}") from None
         cap = cls(enc, decoder, vocab, Preprocessing.from_dict(cfg["preprocessing"]), cfg, matcher)
         try:  # it reads the encoder's features, which an ensemble's members share
             cap.familiarity = load_familiarity(paths[0])

@@ -228,3 +228,15 @@ def test_cli_guide_flags(cat_photo, capsys):
     assert main(["caption", "--sample", "chelsea (cat)", "--no-guide", "--json"]) == 0
     off = json.loads(capsys.readouterr().out)["results"][0]
     assert "guided" not in off and "cat" not in off["captions"][0]["text"].split()
+
+
+@pytest.mark.parametrize("bad", [{"threshold": "high"}, {"conflict": -1}, {"person": float("nan")}, {"on": "yes"},
+                                 [1], {"threshold": True}])
+def test_bad_guide_settings_are_refused(bad):
+    from captioning.guidance import GuideSettings, resolve
+
+    with pytest.raises(ValueError):
+        resolve(True, {"decoding": {"guide": bad}})
+    assert resolve(None, {"decoding": {"guide": {"on": False, "threshold": 0.3}}}) is None
+    assert resolve(None, {"decoding": {"guide": {"on": True, "threshold": 0.3}}}) == GuideSettings(0.3)
+    assert resolve({"conflict": 2}, {"decoding": {"guide": {"threshold": 0.3}}}) == GuideSettings(0.3, 2.0)
