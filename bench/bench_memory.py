@@ -11,8 +11,10 @@ sampled every 0.25 s throughout.
     python bench/bench_memory.py --count 100 --out test-artifacts/bench_memory.json
 
 Reports RSS before any page is open, after the first caption (model loaded), after every 10th
-upload, the peak while uploading, and after the page is closed. The figures in
-docs/reliability.md come from this script.
+upload, the peak while uploading, and after the page is closed. With --malloc-trim the server
+also gets a SIGUSR1 handler (a sitecustomize.py on its PYTHONPATH) that runs gc.collect() and
+glibc's malloc_trim(0), sent once the page is closed: how much of its memory is already free
+but kept by the allocator. The figures in docs/reliability.md come from this script.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import io
 import json
 import os
 import platform
+import signal
 import socket
+import tempfile
 import subprocess
 import sys
 import threading
@@ -107,8 +111,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, log_path: Path) -> subprocess.Popen:
+TRIM_HOOK = """
+import ctypes, gc, os, signal
+def _rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+def _trim(*_):
+    before = _rss()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open(os.environ["BENCH_TRIM_LOG"], "a") as f:
+        f.write(f"{before:.1f} {_rss():.1f}\\n")
+if os.environ.get("BENCH_TRIM_LOG"):
+    signal.signal(signal.SIGUSR1, _trim)
+"""
+
+
+def start_server(port: int, log_path: Path, hook_dir: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    if hook_dir is not None:
+        (hook_dir / "sitecustomize.py").write_text(TRIM_HOOK)
+        env["PYTHONPATH"] = os.pathsep.join([str(hook_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["BENCH_TRIM_LOG"] = str(hook_dir / "trim.log")
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app" / "main.py"),
                              "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
@@ -134,6 +158,8 @@ def main() -> None:
     ap.add_argument("--max-mp", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--idle", type=float, default=15.0, help="seconds to wait after closing the page")
+    ap.add_argument("--malloc-trim", action="store_true",
+                    help="after closing the page, make the server run gc.collect() and malloc_trim(0) and report RSS")
     ap.add_argument("--out", default=str(REPO / "test-artifacts" / "bench_memory.json"))
     a = ap.parse_args()
     if not Path(CHROMIUM).is_file():
@@ -143,7 +169,8 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server = start_server(port, out.with_suffix(".server.log"))
+    hook_dir = Path(tempfile.mkdtemp(prefix="bench-memory-")) if a.malloc_trim else None
+    server = start_server(port, out.with_suffix(".server.log"), hook_dir)
     url = f"http://127.0.0.1:{port}"
     sampler = Sampler(server.pid)
     res: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "count": a.count,
@@ -191,6 +218,15 @@ def main() -> None:
         res["rss_right_after_close_mb"] = rss_mb(server.pid)
         time.sleep(a.idle)
         res["rss_after_idle_mb"] = rss_mb(server.pid)
+        if hook_dir is not None:
+            os.kill(server.pid, signal.SIGUSR1)
+            log = hook_dir / "trim.log"
+            for _ in range(100):
+                if log.is_file() and log.read_text().strip():
+                    break
+                time.sleep(0.2)
+            time.sleep(1)
+            res["rss_after_malloc_trim_mb"] = round(rss_mb(server.pid), 1)
         sampler.stop.set()
         sampler.join()
         during = [r for t, r in sampler.samples if t_start <= t <= t_closed]
@@ -199,7 +235,7 @@ def main() -> None:
                    upload_mb={"median": round(float(np.median(sizes)) / 2 ** 20, 2), "max": round(max(sizes) / 2 ** 20, 2)},
                    distinct_captions=len(set(captions)))
         later = [e["rss_mb"] for e in every if e["uploads"] >= max(10, a.count // 2)]
-        res["rss_growth_second_half_mb"] = round(max(later) - min(later), 1) if len(later) > 1 else None
+        res["rss_range_second_half_mb"] = round(max(later) - min(later), 1) if len(later) > 1 else None
     finally:
         sampler.stop.set()
         server.terminate()
@@ -210,6 +246,10 @@ def main() -> None:
     for k in ("rss_before_mb", "rss_after_first_caption_mb", "rss_peak_during_mb", "rss_right_after_close_mb",
               "rss_after_idle_mb"):
         res[k] = round(res[k], 1)
+    if hook_dir is not None:
+        import shutil
+
+        shutil.rmtree(hook_dir, ignore_errors=True)
     out.write_text(json.dumps(res, indent=2))
     print(json.dumps({k: v for k, v in res.items() if k != "rss_every_10_uploads"}, indent=2))
 

@@ -301,6 +301,7 @@ def test_hostile_bundles_stay_within_memory(tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
+    print(res)
     assert res["errors"] == res["cases"] == 6, res
     assert res["grew_mb"] < 300, res
 
