@@ -366,7 +366,7 @@ def test_multi_line_plugin_messages_become_one_line(tmp_path, monkeypatch):
     with pytest.raises(ImageError) as e:
         load_image(p)
     msg = assert_one_line_error(e, "fine.png", "first line second line")
-    assert len(msg) < 300
+    assert len(msg) - len(str(p)) < 260  # the reason is cut short; the path is whatever tmp_path is
 
 
 def test_keyboard_interrupt_is_not_swallowed(tmp_path, monkeypatch):
