@@ -140,14 +140,17 @@ def randomisation(model_key: str, digest: str, tokens: tuple, t: int, method: st
 @st.cache_data(show_spinner=False, max_entries=16)
 def thumbnail(source: str, name: str):
     """A small square-ish copy of an example photo, for the row of examples."""
+    from PIL import ImageOps
+
     data = sv.sample_bytes(name) if source == "Sample photo" else sv.flickr_bytes(name)
-    return sv.display_copy(sv.decode_image(data), 160)
+    return ImageOps.fit(sv.decode_image(data), (160, 160))  # square: the row stays one even height
 
 
 # --------------------------------------------------------------------------- shared widgets
 
 #: Let the word buttons wrap onto more lines and never cut a word short ("forma…").
-WORD_CSS = ("<style>[data-testid='stButtonGroup'] button{max-width:none;}"
+WORD_CSS = ("<style>[data-testid='stButtonGroup'] div{flex-wrap:wrap !important;overflow:visible !important;}"
+            "[data-testid='stButtonGroup'] button{max-width:none;flex-shrink:0;}"
             "[data-testid='stButtonGroup'] button *{white-space:nowrap;overflow:visible;"
             "text-overflow:clip;max-width:none;}</style>")
 
@@ -191,6 +194,9 @@ def examples() -> list[tuple[str, str]]:
 def example_row(key: str = "ex") -> None:
     """A row of example thumbnails, each with a button that shows it."""
     ex = examples()
+    # Names wrap under their picture instead of being cut short ("motorc…").
+    st.markdown("<style>div[class*='st-key-ex'] button *{white-space:normal;overflow:visible;text-overflow:clip;}"
+                "</style>", unsafe_allow_html=True)
     cols = st.columns(len(ex))
     for i, (col, (source, name)) in enumerate(zip(cols, ex)):
         try:

@@ -841,7 +841,7 @@ def test_caption_page_for_a_first_time_user(models, monkeypatch):
     assert 'class="colour-scale"' in md and "99th percentile" in md
     # The faithfulness badge, on demand.
     assert not any("faithfulness:" in m.value for m in at.markdown)
-    at.button(key="faith_check").click().run()
+    next(b for b in at.button if b.label == "Check this map's faithfulness").click().run()
     no_exceptions(at)
     badge = [m.value for m in at.markdown if "faithfulness:" in m.value]
     assert len(badge) == 1 and any(v in badge[0] for v in ("faithful", "random")), badge

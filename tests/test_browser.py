@@ -165,6 +165,115 @@ def shot(page, name: str) -> None:
 
 # --------------------------------------------------------------------------- the tests
 
+# --------------------------------------------------------------------------- screenshot tour (issue 26)
+# First in the module: after test_end_to_end has shown the same photo in another session, the
+# faithfulness button's click was seen to do nothing in Chromium (not in AppTest); see issue 26's report.
+
+WORD_BUTTONS = '[class*="st-key-word-"] button, [class*="st-key-cmp-word-"] button'
+WORDS_JS = """() => [...document.querySelectorAll('""" + WORD_BUTTONS.replace("'", '"') + """')]
+  .filter(b => b.innerText.trim().length > 0).map(b => ({
+  text: b.innerText.trim(),
+  outside: b.getBoundingClientRect().right > b.closest('[data-testid="stElementContainer"]').getBoundingClientRect().right + 1,
+  active: (b.getAttribute('data-testid') || '').endsWith('Active') || b.getAttribute('aria-pressed') === 'true'
+          || b.getAttribute('aria-checked') === 'true' || b.getAttribute('kind') === 'pillsActive',
+  clipped: b.innerText.includes('…') || [b, ...b.querySelectorAll('*')].some(
+      e => e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflow !== 'visible')}))"""
+
+
+def word_buttons(page) -> list[dict]:
+    """The main area's word buttons: text, whether selected, whether cut short."""
+    return page.evaluate(WORDS_JS)
+
+
+def plain_word(label: str) -> str:
+    """'dog · 0.83' or 'brown (2) · 0.41' -> the word."""
+    return re.sub(r" \(\d+\)$", "", label.split(" · ")[0]).strip()
+
+
+def idle(page) -> None:
+    """Wait until the app's script run is over (Streamlit's running indicator gone)."""
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=300_000)
+
+
+def check_words(page, where: str) -> list[dict]:
+    """The fixed points of the word control: none cut short, each with its probability, the first
+    content word selected."""
+    from app import services as sv
+
+    page.locator(WORD_BUTTONS).first.wait_for(timeout=120_000)
+    words = word_buttons(page)
+    assert words, f"{where}: no word buttons"
+    assert not [w["text"] for w in words if w["clipped"] or w["outside"]], f"{where}: clipped words {words}"
+    assert all(re.search(r" · [01]\.\d\d$", w["text"]) for w in words), f"{where}: words without probability {words}"
+    plain = [plain_word(w["text"]) for w in words]
+    active = [i for i, w in enumerate(words) if w["active"]]
+    assert active == [sv.first_content_word(plain)], f"{where}: selected {active}, words {plain}"
+    return words
+
+
+def test_tour_at_two_widths(server, browser):
+    """Every page at 1400 and 800 px wide, screenshots in test-artifacts/tour_*.png. On the
+    Caption page (a Flickr8k dog photo from the example row): no word cut short, the first
+    content word selected, the faithfulness badge after the check; on the Explain page the same
+    word control and the random-order band in the deletion/insertion figure."""
+    for width in (1400, 800):
+        page = browser.new_page(viewport={"width": width, "height": 1000})
+        page.set_default_timeout(120_000)
+        try:
+            _tour(page, server, width)
+        except Exception:
+            shot(page, f"tour_{width}_failed")  # what the page showed when an expectation was not met
+            raise
+        page.close()
+
+
+def _tour(page, server, width: int) -> None:
+    if True:
+        page.goto(server["url"])
+        page.wait_for_function(CAPTION_JS, timeout=300_000)
+        shot(page, f"tour_{width}_01_caption_sample")
+        old = caption_text(page)
+        page.get_by_role("button", name="Flickr8k 1").click()  # the example row's first Flickr8k photo
+        wait_caption_changed(page, old)
+        page.get_by_text("Grad-CAM (HiResCAM) for").first.wait_for()
+        page.locator(".colour-scale").first.wait_for()
+        idle(page)  # check and click once the page's run is over, as a person would
+        check_words(page, f"caption page at {width} px")
+        page.get_by_role("button", name="Check this map's faithfulness").click()
+        page.get_by_text(re.compile(r"faithfulness: (faithful|inside the random band|worse than random)")).first.wait_for()
+        page.get_by_text("A faithful map is not a correct caption").first.wait_for()
+        shot(page, f"tour_{width}_02_caption_flickr_badge")
+
+        page.get_by_role("link", name=re.compile("Explain")).click()
+        page.get_by_text("each map on its own").first.wait_for()
+        shot(page, f"tour_{width}_03_explain_gallery")
+        page.locator('[data-testid="stButtonGroup"] button', has_text="Methods side by side").click()
+        page.get_by_text("Deletion / insertion against random orders").wait_for()
+        idle(page)
+        check_words(page, f"explain page at {width} px")
+        page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=300_000)
+        page.get_by_text("mean ± 1 SD").first.wait_for()  # the band's legend entry
+        shot(page, f"tour_{width}_04_explain_side_by_side")
+        page.locator('[data-testid="stButtonGroup"] button', has_text="Beam-search tree").click()
+        page.get_by_text("Every candidate beam search considered").wait_for()
+        shot(page, f"tour_{width}_05_explain_beam_tree")
+
+        page.get_by_role("link", name=re.compile("Encoder")).click()
+        page.get_by_text("ImageNet top-5").wait_for()
+        page.locator(".colour-scale").first.wait_for()
+        shot(page, f"tour_{width}_06_encoder")
+        page.get_by_role("link", name=re.compile("Embeddings")).click()
+        page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=300_000)
+        shot(page, f"tour_{width}_07_embeddings")
+        page.get_by_role("link", name=re.compile("Model")).click()
+        page.get_by_text("Intended use").first.wait_for()
+        shot(page, f"tour_{width}_08_model_card")
+        page.get_by_role("tab", name="Training curves").click()
+        page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
+        shot(page, f"tour_{width}_09_model_curves")
+        assert page.locator('[data-testid="stException"]').count() == 0
+
+
 def test_end_to_end(server, browser):
     timings: dict[str, object] = {}
     page = open_app(browser, server["url"])
@@ -187,7 +296,7 @@ def test_end_to_end(server, browser):
     labels = [b.inner_text().strip() for b in buttons.all()]
     assert labels, "no clickable words"
     # A repeated word is labelled "brown (2)"; the overlay's title names the plain word.
-    words = [re.sub(r" \(\d+\)$", "", w) for w in labels]
+    words = [plain_word(w) for w in labels]  # "dog · 0.83" -> "dog"
     pick = next((i for i, w in enumerate(words) if w in ("dog", "dogs")), min(1, len(words) - 1))
     word = words[pick]
     buttons.nth(pick).click()

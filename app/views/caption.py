@@ -153,8 +153,9 @@ if m is not None:
     fkey = (cur.model.key, cur.digest, tuple(out.tokens), t, method)
     done = st.session_state.setdefault("faith_done", set())
     with cols[2]:
-        if fkey not in done and st.button("Check this map's faithfulness", key="faith_check",
-                                          icon=":material/fact_check:",
+        # One button per photo, caption, word and method: its click belongs to that map only.
+        bkey = "faith_check-" + sv.digest(repr(fkey).encode())[:12]
+        if fkey not in done and st.button("Check this map's faithfulness", key=bkey, icon=":material/fact_check:",
                                           help=f"Delete and reveal the map's pixels in its order, against "
                                                f"{sv.RANDOM_SEEDS} random orders (a few seconds)"):
             done.add(fkey)
