@@ -167,7 +167,8 @@ def shot(page, name: str) -> None:
 
 # --------------------------------------------------------------------------- screenshot tour (issue 26)
 # First in the module: after test_end_to_end has shown the same photo in another session, the
-# faithfulness button's click was seen to do nothing in Chromium (not in AppTest); see issue 26's report.
+# faithfulness button's click does nothing in Chromium (not in AppTest), an open bug reproduced by
+# pytest tests/test_browser.py::test_end_to_end tests/test_browser.py::test_tour_at_two_widths
 
 WORD_BUTTONS = '[class*="st-key-word-"] button, [class*="st-key-cmp-word-"] button'
 WORDS_JS = """() => [...document.querySelectorAll('""" + WORD_BUTTONS.replace("'", '"') + """')]
