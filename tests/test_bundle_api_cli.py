@@ -116,6 +116,8 @@ def test_encoder_classifies_a_real_photo(encoder, vocab, decoder):
     assert len(top) == 5 and all(isinstance(n, str) for n, _ in top)
     probs = [p for _, p in top]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    noise = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    assert cap.classify(Image.fromarray(noise), k=1)[0][0] != top[0][0]
 
 
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
