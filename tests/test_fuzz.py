@@ -70,8 +70,14 @@ def test_crashes_found_by_fuzzing_replay_clean(tmp_path):
     """Every input a fuzzer ever saved, through the target that found it (libFuzzer runs the
     given files once each)."""
     _atheris_or_skip()
-    found = {"image": sorted(p for p in CRASHES.iterdir() if p.suffix != ".bin"),
-             "bundle": sorted(CRASHES.glob("bundle_*.bin"))}
+    # Bundle-target inputs are kept as hex in JSON (no opaque binaries in the repo); libFuzzer
+    # replays files, so each is written back to bytes first.
+    bundle = []
+    for j in sorted(CRASHES.glob("bundle_*.json")):
+        out = tmp_path / f"{j.stem}.input"
+        out.write_bytes(bytes.fromhex(json.loads(j.read_text())["hex"]))
+        bundle.append(out)
+    found = {"image": sorted(p for p in CRASHES.iterdir() if not p.name.startswith("bundle_")), "bundle": bundle}
     assert found["image"] and found["bundle"]
     for target, files in found.items():
         p = run_fuzzer(target, [*map(str, files), f"-artifact_prefix={tmp_path}/"], cwd=tmp_path)
