@@ -188,16 +188,26 @@ def test_training_killed_mid_epoch_loses_at_most_that_epoch(synth, features_dir,
     load_bundle(run / "best")
     assert not (run / "checkpoint.tmp").exists()
 
-    # Resumed, the run ends exactly where one that was never killed ends.
+    # Resumed, the run ends where one that was never killed ends. The first epoch ran in another
+    # process, and a BLAS may round a matrix product differently there (its kernel can depend on
+    # buffer alignment), so weights are compared to float precision; the random state and the
+    # optimiser's step count must match exactly. A resume that lost the random state, the
+    # optimiser's moments or the batch position is off by orders of magnitude more.
     train(str(synth.root), run, cfg, features=features_dir, progress=False, resume=True)
     whole = train(str(synth.root), tmp_path / "whole", cfg, features=features_dir, progress=False)
     a = load_file(str(run / "checkpoint" / "state.safetensors"))
     b = load_file(str(whole / "checkpoint" / "state.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    for k in a:
+        if k == "rng.torch" or k.endswith(".step"):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     assert _metric_rows(run) == _metric_rows(whole) == 3
     da, _, _ = load_bundle(run / "best")
     db, _, _ = load_bundle(whole / "best")
-    assert all(torch.equal(v, db.state_dict()[k]) for k, v in da.state_dict().items())
+    for k, v in da.state_dict().items():
+        torch.testing.assert_close(v, db.state_dict()[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("which", ["checkpoint", "best"])
