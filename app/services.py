@@ -222,7 +222,7 @@ def sample_names() -> list[str]:
 def _dataset(data_dir: str):
     import contextlib
 
-    from captioning.data import load_dataset
+    from captioning.lab.data import load_dataset
 
     with contextlib.redirect_stderr(io.StringIO()):  # the reader's skip report is not for app users
         return load_dataset(data_dir)
@@ -230,7 +230,7 @@ def _dataset(data_dir: str):
 
 def flickr_dataset():
     """The Flickr8k dataset when its folder exists (never copied into the repo), else None."""
-    from captioning.data import DataError, default_data_dir
+    from captioning.lab.data import DataError, default_data_dir
 
     d = default_data_dir()
     if d is None:
@@ -416,7 +416,7 @@ def doc_freq_from_refs(refs: dict[str, list[str]]) -> DocFreq:
 
 def training_doc_freq() -> Optional[DocFreq]:
     """CIDEr document frequencies of the Flickr8k training references, computed once (about a second)."""
-    from captioning.data import default_data_dir
+    from captioning.lab.data import default_data_dir
 
     d = default_data_dir()
     if d is None or flickr_dataset() is None:

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from captioning import Captioner  # noqa: E402
-from captioning.data import default_data_dir, load_dataset  # noqa: E402
+from captioning.lab.data import default_data_dir, load_dataset  # noqa: E402
 from captioning.samples import load_sample, sample_names  # noqa: E402
 from reference_beam import reference_beam_search  # noqa: E402
 

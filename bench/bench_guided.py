@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 from captioning import Captioner  # noqa: E402
-from captioning.data import load_dataset  # noqa: E402
-from captioning.evaluate import _View  # noqa: E402
-from captioning.train import DEFAULT_FEATURES  # noqa: E402
+from captioning.lab.data import load_dataset  # noqa: E402
+from captioning.lab.evaluate import _View  # noqa: E402
+from captioning.lab.train import DEFAULT_FEATURES  # noqa: E402
 
 
 def median_times(fns, runs: int) -> list[float]:

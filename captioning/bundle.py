@@ -28,13 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from .decoders import DECODERS, Decoder, build_decoder, decoder_kind
 from .images import Preprocessing
+from .paths import MODELS_DIR, REPO_ROOT  # noqa: F401 (REPO_ROOT: callers' old import path)
 from .vocab import Vocab
 
 FORMAT = "captioning-bundle"
 VERSION = 1
 CONFIG, VOCAB, WEIGHTS = "config.json", "vocab.json", "model.safetensors"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = REPO_ROOT / "assets" / "models"
 DEFAULT_MODEL = MODELS_DIR / "show_attend_tell"
 
 

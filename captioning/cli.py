@@ -92,8 +92,8 @@ def cmd_caption(a: argparse.Namespace) -> int:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .features import extract_features
+    from .lab.data import load_dataset
+    from .lab.features import extract_features
     from .images import Preprocessing
 
     folder = extract_features(load_dataset(a.data), a.encoder, a.out, Preprocessing(size=a.image_size), flip=a.flip)
@@ -102,7 +102,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .lab.train import TrainConfig, train
 
     overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
     cfg = TrainConfig(**overrides)
@@ -112,7 +112,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .lab.evaluate import evaluate
 
     res = evaluate(a.model[0] if a.model and len(a.model) == 1 else a.model, a.data, split=a.split, beam_size=a.beam, limit=a.limit, features=a.features,
                    length_penalty=a.length_penalty, rerank=a.rerank, rerank_pool=a.rerank_pool, out=a.out,
@@ -137,7 +137,7 @@ def _guide_arg(a: argparse.Namespace):
 
 
 def cmd_matcher(a: argparse.Namespace) -> int:
-    from .matcher import fit_matcher
+    from .lab.matcher_fit import fit_matcher
 
     info = fit_matcher(a.model, a.data, a.features, epochs=a.epochs, seed=a.seed, regions=a.regions,
                        batch_size=a.batch_size, region_dim=a.region_dim)
@@ -148,7 +148,7 @@ def cmd_matcher(a: argparse.Namespace) -> int:
 
 
 def cmd_agreement(a: argparse.Namespace) -> int:
-    from .evaluate import human_agreement
+    from .lab.evaluate import human_agreement
 
     res = human_agreement(a.data)
     if a.json:
@@ -161,7 +161,7 @@ def cmd_agreement(a: argparse.Namespace) -> int:
 
 
 def cmd_baseline(a: argparse.Namespace) -> int:
-    from .evaluate import human_baseline
+    from .lab.evaluate import human_baseline
 
     res = human_baseline(a.data, a.split, a.captions)
     if a.json:
@@ -180,8 +180,8 @@ def cmd_baseline(a: argparse.Namespace) -> int:
 
 
 def cmd_ship(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-    from .modelcard import reproduce_command, set_decoding, ship, write_card
+    from .lab.evaluate import evaluate
+    from .lab.modelcard import reproduce_command, set_decoding, ship, write_card
 
     dest = ship(a.run, a.name, a.dest) if a.dest else ship(a.run, a.name)
     set_decoding(dest, a.beam, a.length_penalty, a.rerank, a.rerank_pool)
@@ -194,7 +194,7 @@ def cmd_ship(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import DEFAULT_FEATURES, TrainConfig
+    from .lab.train import DEFAULT_FEATURES, TrainConfig
 
     ap = argparse.ArgumentParser(prog="captioning", description="Neural image captioning (CNN encoder + LSTM decoder).")
     sub = ap.add_subparsers(dest="cmd", required=True)

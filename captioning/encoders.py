@@ -16,7 +16,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-_IMAGENET_CLASSES = Path(__file__).resolve().parent.parent / "assets" / "imagenet_classes.txt"
+from .paths import ASSETS
+
+_IMAGENET_CLASSES = ASSETS / "imagenet_classes.txt"
 
 
 class EncoderUnavailable(RuntimeError):

@@ -1,6 +1,6 @@
 """What the encoder's own ImageNet head recognises in a photo, in caption words.
 
-``assets/imagenet_words.json`` (built once from WordNet by ``python -m captioning.tools.imagenet_words``)
+``assets/imagenet_words.json`` (built once from WordNet by ``python -m captioning.lab.tools.imagenet_words``)
 maps each of the 1,000 classes to the vocabulary words that name it (Egyptian cat -> cat, cats;
 every dog breed -> dog, dogs; espresso -> coffee, cup). Classes without a fitting word map to
 nothing. Nothing here needs WordNet.
@@ -15,7 +15,9 @@ from typing import Optional
 
 import torch
 
-IMAGENET_WORDS = Path(__file__).resolve().parent.parent / "assets" / "imagenet_words.json"
+from .paths import ASSETS
+
+IMAGENET_WORDS = ASSETS / "imagenet_words.json"
 
 
 @dataclass

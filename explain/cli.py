@@ -58,7 +58,7 @@ def cmd_faithfulness(a: argparse.Namespace) -> int:
     import torch
 
     from captioning.api import Captioner
-    from captioning.data import load_dataset
+    from captioning.lab.data import load_dataset
     from captioning.images import load_image, preprocess
 
     from .attribution import attribute, available_methods, grad_cam_all_words
@@ -178,7 +178,7 @@ def cmd_project(a: argparse.Namespace) -> int:
 def cmd_embeddings(a: argparse.Namespace) -> int:
     """Train word2vec on the training captions, score every space, record the best as the default."""
     from captioning.bundle import load_bundle
-    from captioning.data import load_dataset
+    from captioning.lab.data import load_dataset
     from captioning.vocab import SPECIALS, tokenize
 
     from .embeddings import (SPACES, Word2VecConfig, bundle_projection, model_spaces, save_word2vec, train_word2vec,

@@ -719,7 +719,7 @@ def test_length_penalty_defaults_to_the_models(models, tmp_path):
     """The sidebar starts at the length penalty the bundle records (chosen on the dev split)."""
     import shutil
 
-    from captioning.modelcard import set_decoding
+    from captioning.lab.modelcard import set_decoding
 
     root = tmp_path / "models"
     shutil.copytree(models, root)
@@ -738,7 +738,7 @@ def test_rerank_toggle(models, tmp_path):
     import shutil
 
     from captioning.matcher import Matcher, MatcherConfig, save_matcher
-    from captioning.modelcard import set_decoding
+    from captioning.lab.modelcard import set_decoding
 
     root = tmp_path / "models"
     shutil.copytree(models, root)
@@ -861,7 +861,7 @@ def test_model_cards_state_use_and_measured_limits(name):
     Limitations cite is one docs/results.md or docs/ood.md measured (none invented)."""
     import re
 
-    from captioning.modelcard import use_and_limitations
+    from captioning.lab.modelcard import use_and_limitations
 
     card = (REPO / "assets" / "models" / name / "MODEL_CARD.md").read_text(encoding="utf-8")
     section = "\n".join(use_and_limitations(name))

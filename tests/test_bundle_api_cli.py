@@ -571,7 +571,7 @@ def test_cli_bad_settings_fail_once_before_any_image(bundle, images, capsys):
 def test_bundle_decoding_default(tmp_path, decoder, vocab, encoder, images):
     """A bundle's recorded length penalty is what caption() and evaluate use unless told otherwise;
     an ensemble (whose members may disagree) uses none."""
-    from captioning.modelcard import set_decoding
+    from captioning.lab.modelcard import set_decoding
 
     folder = save_bundle(tmp_path / "m", decoder, vocab, "efficientnet-lite0", half=False)
     assert Captioner.from_pretrained(folder, encoder=encoder).default_length_penalty == 0.0

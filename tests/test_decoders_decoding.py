@@ -14,7 +14,7 @@ import torch
 
 from captioning.decoders import DECODERS, MergeConfig, build_decoder, decoder_kind
 from captioning.decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, sample_decode
-from captioning.train import caption_loss
+from captioning.lab.train import caption_loss
 from captioning.vocab import Vocab
 
 PAD, START, END, UNK = 0, 1, 2, 3

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from captioning.bundle import load_bundle
 from captioning.cli import main
 from captioning.decoding import Ensemble
-from captioning.evaluate import evaluate, load_members
-from captioning.features import FeatureCache, find_cache
+from captioning.lab.evaluate import evaluate, load_members
+from captioning.lab.features import FeatureCache, find_cache
 from captioning.images import Preprocessing
-from captioning.train import TrainConfig, read_extra_captions, train
+from captioning.lab.train import TrainConfig, read_extra_captions, train
 from captioning.vocab import Vocab
 
 from test_train import SMALL, greedy_bleu, read_metrics

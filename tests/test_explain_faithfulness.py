@@ -266,7 +266,7 @@ def shipped_words():
     if _data_dir() is None:
         pytest.skip("needs the Flickr8k data in ../shared/data/flickr8k")
     from captioning.api import Captioner
-    from captioning.data import load_dataset
+    from captioning.lab.data import load_dataset
     from captioning.images import load_image, preprocess
     from explain.cli import pick_words
 

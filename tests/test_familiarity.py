@@ -9,7 +9,8 @@ import torch
 from captioning.api import Captioner
 from captioning.bundle import DEFAULT_MODEL, BundleError
 from captioning.cli import main
-from captioning.familiarity import FILE, Familiarity, fit_familiarity, load_familiarity
+from captioning.familiarity import FILE, Familiarity, load_familiarity
+from captioning.lab.familiarity_fit import fit_familiarity
 
 
 def _toy(k=3):
@@ -49,8 +50,8 @@ def test_the_mean_is_taken_off_before_the_cosine():
 
 
 def test_fit_writes_a_small_model_that_loads(synth, features_dir, tmp_path):
-    from captioning.data import load_dataset
-    from captioning.features import extract_features
+    from captioning.lab.data import load_dataset
+    from captioning.lab.features import extract_features
 
     extract_features(load_dataset(synth.root), "efficientnet-lite0", features_dir, progress=False)
     model = tmp_path / "m"
@@ -90,10 +91,10 @@ def test_familiarity_tracks_caption_quality_on_flickr8k_test(flickr8k_dir):
     """Measured: Spearman 0.33 over the 1,000 test photos (0.37 with the COCO set; docs/ood.md)."""
     from scipy.stats import spearmanr
 
-    from captioning.data import load_dataset
-    from captioning.familiarity import _open_cache, _pooled
+    from captioning.lab.data import load_dataset
+    from captioning.lab.familiarity_fit import _open_cache, _pooled
 
-    from captioning.train import DEFAULT_FEATURES
+    from captioning.lab.train import DEFAULT_FEATURES
 
     try:
         cache = _open_cache(DEFAULT_MODEL, load_dataset(flickr8k_dir), DEFAULT_FEATURES)

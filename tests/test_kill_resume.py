@@ -22,12 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from captioning import features as feat
+from captioning.lab import features as feat
 from captioning.bundle import load_bundle, recover_swap, save_bundle
-from captioning.data import load_dataset
-from captioning.features import FeatureCache, extract_features, find_cache
+from captioning.lab.data import load_dataset
+from captioning.lab.features import FeatureCache, extract_features, find_cache
 from captioning.images import Preprocessing
-from captioning.train import TrainConfig, save_checkpoint, train
+from captioning.lab.train import TrainConfig, save_checkpoint, train
 
 from conftest import REPO_ROOT
 
@@ -65,7 +65,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 180) -> None:
 
 EXTRACT = """
     import sys, time
-    import captioning.features as feat
+    import captioning.lab.features as feat
     from captioning.cli import main
     feat.CHUNK = int(sys.argv[3])
     load_image = feat.load_image
@@ -137,7 +137,7 @@ def test_cut_feature_files_are_not_read_as_complete(synth, tmp_path, monkeypatch
 
 TRAIN = """
     import json, sys, time
-    import captioning.train as tr
+    import captioning.lab.train as tr
     real = tr.caption_loss
     def slow(*a, **k):  # timing only: a batch takes 0.15 s longer
         time.sleep(0.15)
@@ -220,7 +220,7 @@ def test_killed_between_the_two_renames_of_a_swap(synth, features_dir, tmp_path,
     before = load_file(str(run / "checkpoint" / "state.safetensors"))
 
     import captioning.bundle as bundle_mod
-    import captioning.train as train_mod
+    import captioning.lab.train as train_mod
 
     mod = train_mod if which == "checkpoint" else bundle_mod
     real_replace = os.replace

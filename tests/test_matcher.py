@@ -10,9 +10,10 @@ import torch
 
 from captioning import Captioner
 from captioning.bundle import read_config, save_bundle
+from captioning.lab.matcher_fit import train_matcher
 from captioning.matcher import (MATCHER_CONFIG, MATCHER_WEIGHTS, Matcher, MatcherConfig, load_matcher,
-                                retrieval_recall, save_matcher, train_matcher)
-from captioning.modelcard import set_decoding
+                                retrieval_recall, save_matcher)
+from captioning.lab.modelcard import set_decoding
 from captioning.vocab import Vocab
 from conftest import KINDS
 from test_bundle_api_cli import images, small_decoder  # noqa: F401 (images is a fixture)
@@ -293,7 +294,7 @@ def test_train_matcher_and_ship_with_rerank(synth, features_dir, tmp_path):
     records W as the bundle's decoding default, scores the test split with it, and the model card
     gives the commands, train-matcher included."""
     from captioning.cli import main
-    from captioning.train import TrainConfig, train
+    from captioning.lab.train import TrainConfig, train
     from test_scst import SMALL
 
     run = train(str(synth.root), tmp_path / "xe", TrainConfig(decoder="show_attend_tell", epochs=2, lr=1e-2, **SMALL),

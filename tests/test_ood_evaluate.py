@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from captioning import evaluate as ev
+from captioning.lab import evaluate as ev
 from captioning.bundle import DEFAULT_MODEL
 from captioning.cli import main
-from captioning.data import DataError, load_dataset, read_captions_json
-from captioning.evaluate import consensus_recall
+from captioning.lab.data import DataError, load_dataset, read_captions_json
+from captioning.lab.evaluate import consensus_recall
 from conftest import draw
 
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "dogs", "cat", "runs", "on", "the", "grass", "red", "ball"]

@@ -1,5 +1,5 @@
 """ImageNet class -> caption words: the shipped table (assets/imagenet_words.json), its reader
-(captioning/recognition.py) and the WordNet climb that built it (captioning/tools/imagenet_words.py)."""
+(captioning/recognition.py) and the WordNet climb that built it (captioning/lab/tools/imagenet_words.py)."""
 import json
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from captioning import recognition
 from captioning.encoders import imagenet_classes
 from captioning.recognition import class_words, recognise, word_evidence, words_for
-from captioning.tools.imagenet_words import WordNet, class_words as climb, inflections
+from captioning.lab.tools.imagenet_words import WordNet, class_words as climb, inflections
 
 VOCAB = set(json.loads(open("assets/models/show_attend_tell/vocab.json").read())["itos"])
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from captioning.bundle import load_bundle
 from captioning.decoders import build_decoder
 from captioning.decoding import SpecialIds
-from captioning.scst import CiderD, sample_with_logprobs, scst_loss
-from captioning.train import TrainConfig, train
+from captioning.lab.scst import CiderD, sample_with_logprobs, scst_loss
+from captioning.lab.train import TrainConfig, train
 
 from test_train import SMALL, greedy_bleu, read_metrics
 
@@ -117,7 +117,7 @@ def test_scst_fine_tuning_raises_reward_and_cider(synth, features_dir, tmp_path)
 
     # Greedy captions of the training images score higher on the objective (CIDEr-D against the
     # training references, <end> counted) than the cross-entropy model's did.
-    from captioning.features import FeatureCache, find_cache
+    from captioning.lab.features import FeatureCache, find_cache
     from captioning.images import Preprocessing
     from captioning.vocab import tokenize
 

@@ -89,7 +89,7 @@ def test_default_model_says_dog_for_dog_photos(flickr8k_dir):
     shipped default, decoded as shipped. Measured: 12 of 12 (23 of the first 24); a decoder with
     shuffled weights gets none."""
     from captioning.api import Captioner
-    from captioning.data import load_dataset
+    from captioning.lab.data import load_dataset
 
     ds = load_dataset(flickr8k_dir)
     dogs = [n for n in ds.split("test") if all(DOG.search(c.lower()) for c in ds.captions[n])][:12]

@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 
 from captioning.api import Captioner
 from captioning.bundle import load_bundle
-from captioning.data import load_dataset
+from captioning.lab.data import load_dataset
 from captioning.decoders import build_decoder
 from captioning.decoding import SpecialIds, sample_decode
-from captioning.features import FeatureCache, find_cache
+from captioning.lab.features import FeatureCache, find_cache
 from captioning.images import Preprocessing, load_image, preprocess
 from captioning.metrics import score_captions
-from captioning.train import TrainConfig, caption_loss, decoder_config, mirror_captions, train, validate
+from captioning.lab.train import TrainConfig, caption_loss, decoder_config, mirror_captions, train, validate
 from captioning.vocab import Vocab
 
 from conftest import KINDS, REPO_ROOT
@@ -258,7 +258,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
-    import captioning.train as T
+    import captioning.lab.train as T
 
     made, opts = [], []
     build, Adam = T.build_decoder, torch.optim.Adam
@@ -414,7 +414,7 @@ def _captions_file(path: Path, captions: dict[str, str]) -> Path:
 
 def test_human_baseline_scores_each_reference_against_the_others(synth, tmp_path, capsys):
     from captioning.cli import main
-    from captioning.evaluate import human_baseline
+    from captioning.lab.evaluate import human_baseline
 
     dev = synth.splits["dev"]  # one image of each kind, three captions each
     people = human_baseline(synth.root, "dev", use_java=False)

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from captioning.data import DataError, load_dataset, read_csv, read_flickr8k, read_karpathy_json
+from captioning.lab.data import DataError, load_dataset, read_csv, read_flickr8k, read_karpathy_json
 from captioning.vocab import END, PAD, SPECIALS, START, UNK, Vocab, detokenize, tokenize
 
 from conftest import EXPECTED_SKIPS

@@ -6,10 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-from .bundle import MODELS_DIR, BundleError, load_bundle, read_config
-from .decoding import rerank_candidates
-from .encoders import grid_side
-from .matcher import MATCHER_CONFIG
+from ..bundle import MODELS_DIR, BundleError, load_bundle, read_config
+from ..decoding import rerank_candidates
+from ..encoders import grid_side
+from ..matcher import MATCHER_CONFIG
 
 PUBLISHED = {
     "show_attend_tell": "Xu et al. 2015 (Show, Attend and Tell), Flickr8k, Table 1: soft attention BLEU-4 0.195, "

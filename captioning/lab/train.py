@@ -39,17 +39,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .bundle import VOCAB, BundleError, load_bundle, read_config, recover_swap, save_bundle
+from ..bundle import VOCAB, BundleError, load_bundle, read_config, recover_swap, save_bundle
 from .data import CaptionDataset, load_dataset
-from .decoders import Decoder, build_decoder
-from .decoding import SpecialIds, sample_decode
+from ..decoders import Decoder, build_decoder
+from ..decoding import SpecialIds, sample_decode
 from .features import FeatureCache, extract_features, find_cache
-from .images import Preprocessing
-from .metrics import py_tokenize, score_captions
+from ..images import Preprocessing
+from ..metrics import py_tokenize, score_captions
 from .scst import EOS, CiderD, scst_loss
-from .vocab import Vocab
+from ..paths import REPO_ROOT
+from ..vocab import Vocab
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FEATURES = REPO_ROOT / ".cache" / "features"
 CSV_FIELDS = ["epoch", "train_loss", "val_loss", "val_bleu4", "val_cider", "lr", "sample_prob", "seconds",
               "train_reward"]

@@ -1,6 +1,6 @@
 """Build ``assets/imagenet_words.json``: each ImageNet class -> the caption words that name it.
 
-    python -m captioning.tools.imagenet_words [--wordnet /usr/share/wordnet]
+    python -m captioning.lab.tools.imagenet_words [--wordnet /usr/share/wordnet]
         [--synsets ../shared/data/imagenet/LOC_synset_mapping.txt]
 
 Needs WordNet 3.0 only here, at build time (Debian: ``apt-get install wordnet-base``); the
@@ -21,7 +21,9 @@ import json
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from ...paths import REPO_ROOT
+
+REPO = REPO_ROOT
 DEFAULT_SYNSETS = REPO.parent / "shared" / "data" / "imagenet" / "LOC_synset_mapping.txt"
 DEFAULT_VOCAB = REPO / "assets" / "models" / "show_attend_tell" / "vocab.json"
 DEFAULT_OUT = REPO / "assets" / "imagenet_words.json"
@@ -182,7 +184,7 @@ def build(wordnet: Path, synsets: Path, vocab_path: Path) -> dict:
         classes.append({"wnid": wnid, "name": name, "words": words})
         review.append((name, depth, words))
     return {"source": "WordNet 3.0 hypernyms of the ILSVRC-2012 synsets, limited to the caption vocabulary "
-                      "(python -m captioning.tools.imagenet_words); reviewed overrides in that script",
+                      "(python -m captioning.lab.tools.imagenet_words); reviewed overrides in that script",
             "vocab": str(vocab_path.relative_to(REPO)) if vocab_path.is_relative_to(REPO) else str(vocab_path),
             "classes": classes}, review
 

@@ -11,14 +11,15 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from .api import Captioner
-from .bundle import DEFAULT_MODEL, read_config
-from .decoding import Ensemble
-from .encoders import Encoder, build_encoder
-from .data import REPO_ROOT, default_data_dir, load_dataset, resolve_data_dir
+from ..api import Captioner
+from ..bundle import DEFAULT_MODEL, read_config
+from ..decoding import Ensemble
+from ..encoders import Encoder, build_encoder
+from ..paths import REPO_ROOT
+from .data import default_data_dir, load_dataset, resolve_data_dir
 from .features import FeatureCache, find_cache
-from .guidance import resolve as resolve_guide
-from .metrics import score_captions
+from ..guidance import resolve as resolve_guide
+from ..metrics import score_captions
 
 
 def evaluate(model: str | Path | list | None = None, data: str | Path | None = None, split: str = "test",
@@ -130,7 +131,7 @@ def consensus_recall(preds: dict[str, str], refs: dict[str, list[str]], vocab_wo
     count as one word). Photos without such words are left out of the mean.
 
     Returns (mean over photos, {photo: recall})."""
-    from .vocab import tokenize
+    from ..vocab import tokenize
 
     vocab = set(vocab_words)
     per: dict[str, float] = {}
@@ -277,7 +278,7 @@ def _per_pair_scores(preds: dict, refs: dict, java: bool) -> dict[str, list[floa
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.rouge.rouge import Rouge
 
-    from .metrics import py_tokenize
+    from ..metrics import py_tokenize
 
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

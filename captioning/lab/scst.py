@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .decoding import SpecialIds, _constrain, tree_map
+from ..decoding import SpecialIds, _constrain, tree_map
 
 Ngram = tuple[str, ...]
 EOS = "</s>"

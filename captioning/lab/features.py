@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from .data import CaptionDataset
-from .encoders import build_encoder
-from .images import Preprocessing, load_image, preprocess
+from ..encoders import build_encoder
+from ..images import Preprocessing, load_image, preprocess
 
 CHUNK = 64
 

@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from ..paths import REPO_ROOT
+
 SPLITS = ("train", "dev", "test")
 
 
