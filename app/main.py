@@ -1,7 +1,8 @@
 """Entry point: ``streamlit run app/main.py``.
 
 Five pages (app/views/) share one sidebar (app/ui.py): the model, the photo and the decoding
-settings chosen there apply on every page. All computation lives in app/services.py.
+settings chosen there apply on every page. All computation lives in app/services/ (one module per
+concern); app/ui.py caches it.
 """
 from __future__ import annotations
 

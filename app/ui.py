@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import streamlit as st
 
-from app import services as sv
+from app.services import captions, embeddings, explanations, photos, registry
 from captioning.images import ImageError
 
 # --------------------------------------------------------------------------- cached wrappers
@@ -25,13 +25,13 @@ from captioning.images import ImageError
 # models people try (docs/reliability.md: server memory over 100 uploads).
 @st.cache_resource(show_spinner="Loading the image encoder...", max_entries=4)
 def encoder(name: str):
-    return sv.load_encoder(name)
+    return registry.load_encoder(name)
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=8)
 def captioner(model_key: str, path: str, encoder_name: str):
     """One Captioner per bundle (and weights' mtime); bundles with one encoder share it."""
-    return sv.load_captioner(path, encoder=encoder(encoder_name) if encoder_name else None)
+    return registry.load_captioner(path, encoder=encoder(encoder_name) if encoder_name else None)
 
 
 # Per-photo caches hold megabytes an entry (pixels, full-size maps): a few dozen photos are
@@ -42,99 +42,99 @@ def decoded(digest: str, _data: bytes):
 
     The model input is the photo at most MODEL_SIDE pixels on its long side: the model sees
     it stretched to its input square anyway, and a 50-megapixel photo should not sit in the cache."""
-    im = sv.decode_image(_data)
-    return sv.display_copy(im), sv.display_copy(im, sv.MODEL_SIDE), sv.image_note(im, _data)
+    im = photos.decode_image(_data)
+    return photos.display_copy(im), photos.display_copy(im, photos.MODEL_SIDE), photos.image_note(im, _data)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def caption(model_key: str, digest: str, beam: int, lp: float, nbest: int, _model, _image,
-            rerank: float = 0.0) -> sv.CaptionOut:
-    return sv.caption(_model, _image, beam, lp, nbest, rerank=rerank)
+            rerank: float = 0.0, guide: bool | None = None) -> captions.TimedCaption:
+    return captions.caption(_model, _image, beam, lp, nbest, rerank=rerank, guide=guide)
 
 
 @st.cache_data(show_spinner=False, max_entries=24)
 def grad_cam_all(model_key: str, digest: str, tokens: tuple, _model, _image) -> list[np.ndarray]:
-    return sv.grad_cam_all(_model, _image, tokens)
+    return explanations.grad_cam_all(_model, _image, tokens)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def attribution(model_key: str, digest: str, tokens: tuple, t: int, method: str, _model, _image):
-    return sv.attribution_map(_model, _image, tokens, t, method)
+    return explanations.attribution_map(_model, _image, tokens, t, method)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def faithfulness(model_key: str, digest: str, tokens: tuple, t: int, methods: tuple, _model, _image, _maps):
-    return sv.faithfulness(_model, _image, tokens, t, _maps)
+    return explanations.faithfulness(_model, _image, tokens, t, _maps)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def scores(candidate: str, refs: tuple) -> dict:
-    return sv.per_image_scores(candidate, list(refs))
+    return captions.per_image_scores(candidate, list(refs))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def top5(model_key: str, digest: str, _model, _image):
-    return sv.imagenet_top5(_model, _image)
+    return explanations.imagenet_top5(_model, _image)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def channel_maps(model_key: str, digest: str, layer: str, k: int, _model, _image):
-    return sv.top_channel_maps(_model, _image, layer, k)
+    return explanations.top_channel_maps(_model, _image, layer, k)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def layers(model_key: str, _model):
-    return sv.encoder_layers(_model)
+    return explanations.encoder_layers(_model)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def feature_vis(encoder_name: str, layer: str, channel: int, steps: int, model_key: str, _model):
-    return sv.feature_vis(_model, layer, channel, steps=steps)
+    return explanations.feature_vis(_model, layer, channel, steps=steps)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def spaces(model_key: str, path: str, _model) -> tuple[list[str], str]:
-    return sv.embedding_spaces(_model, path)
+    return embeddings.embedding_spaces(_model, path)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def projections(model_key: str, path: str, space: str, umap: bool, _model) -> dict:
-    return sv.embedding_projections(_model, path, space, umap)
+def projection(model_key: str, path: str, space: str, umap: bool, _model):
+    return embeddings.embedding_projection(_model, path, space, umap)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def clusters(model_key: str, path: str, space: str, _model) -> dict:
-    return sv.word_clusters(_model, space, path)
+    return embeddings.word_clusters(_model, space, path)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def word_search(model_key: str, query: str, _model, space: str | None = None, path: str | None = None) -> list[str]:
-    return sv.search_words(_model, query, space=space, model_path=path)
+    return embeddings.search_words(_model, query, space=space, model_path=path)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def neighbours(model_key: str, word: str, k: int, _model, space: str | None = None, path: str | None = None):
-    return sv.nearest_words(_model, word, k, space=space, model_path=path)
+    return embeddings.nearest_words(_model, word, k, space=space, model_path=path)
 
 
 @st.cache_data(show_spinner=False, ttl=60, max_entries=4)
 def model_list(root: str):
-    return sv.list_models(Path(root))
+    return registry.list_models(Path(root))
 
 
 @st.cache_data(show_spinner=False, max_entries=1)
 def flickr_photos() -> list[str]:
-    return sv.flickr_test_photos()
+    return photos.flickr_test_photos()
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def word_probs(model_key: str, digest: str, tokens: tuple, _model, _image) -> list[float]:
-    return sv.word_probs(_model, _image, tokens)
+    return explanations.word_probs(_model, _image, tokens)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def randomisation(model_key: str, digest: str, tokens: tuple, t: int, method: str, _model, _image) -> dict:
-    return sv.randomisation_check(_model, _image, tokens, t, method)
+    return explanations.randomisation_check(_model, _image, tokens, t, method)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -142,8 +142,8 @@ def thumbnail(source: str, name: str):
     """A small square-ish copy of an example photo, for the row of examples."""
     from PIL import ImageOps
 
-    data = sv.sample_bytes(name) if source == "Sample photo" else sv.flickr_bytes(name)
-    return ImageOps.fit(sv.decode_image(data), (160, 160))  # square: the row stays one even height
+    data = photos.sample_bytes(name) if source == "Sample photo" else photos.flickr_bytes(name)
+    return ImageOps.fit(photos.decode_image(data), (160, 160))  # square: the row stays one even height
 
 
 # --------------------------------------------------------------------------- shared widgets
@@ -158,12 +158,12 @@ WORD_CSS = ("<style>[data-testid='stButtonGroup'] div{flex-wrap:wrap !important;
 def word_picker(words, probs, key: str, label: str = "Word") -> int:
     """One word control for every page: the caption's words as buttons that wrap, each with the
     model's probability for it; the first content word ("dog", not "a") is selected at first."""
-    labels = sv.word_option_labels(words, probs)
+    labels = captions.word_option_labels(words, probs)
     st.markdown(WORD_CSS, unsafe_allow_html=True)
     t = st.pills(label, list(range(len(words))), format_func=lambda i: labels[i],
-                 default=sv.first_content_word(words), key=key,
+                 default=captions.first_content_word(words), key=key,
                  help="Each word with p(word | photo, the words before it)" if probs else None)
-    return sv.first_content_word(words) if t is None else int(t)
+    return captions.first_content_word(words) if t is None else int(t)
 
 
 def use_example(source: str, name: str) -> None:
@@ -180,12 +180,12 @@ EXAMPLE_FLICKR = 3
 def examples() -> list[tuple[str, str]]:
     """(source, name) of the example photos: the package samples, then a few Flickr8k test photos
     (when the data is there) whose references all mention a dog or a person."""
-    out = [("Sample photo", n) for n in sv.sample_names()]
-    photos = flickr_photos()
-    if photos:
+    out = [("Sample photo", n) for n in photos.sample_names()]
+    flickr = flickr_photos()
+    if flickr:
         picks = []
         for word in ("dog", "man", "girl"):
-            found = [n for n in sv.find_photos_mentioning(word, "test", min_refs=5) if n not in picks]
+            found = [n for n in photos.find_photos_mentioning(word, "test", min_refs=5) if n not in picks]
             picks += found[:1]
         out += [("Flickr8k test photo", n) for n in picks[:EXAMPLE_FLICKR]]
     return out
@@ -203,7 +203,7 @@ def example_row(key: str = "ex") -> None:
             col.image(thumbnail(source, name), width="stretch")
         except Exception:  # noqa: BLE001 - a missing example only loses its picture
             pass
-        label = name if source == "Sample photo" else f"Flickr8k {i - len(sv.sample_names()) + 1}"
+        label = name if source == "Sample photo" else f"Flickr8k {i - len(photos.sample_names()) + 1}"
         col.button(label, key=f"{key}-{i}", on_click=use_example, args=(source, name), width="stretch",
                    help=name if source != "Sample photo" else None)
 
@@ -212,10 +212,10 @@ def random_flickr() -> None:
     """Button callback: a random Flickr8k test photo."""
     import random
 
-    photos = flickr_photos()
-    if photos:
+    flickr = flickr_photos()
+    if flickr:
         st.session_state["source"] = "Flickr8k test photo"
-        st.session_state["flickr"] = random.choice(photos)
+        st.session_state["flickr"] = random.choice(flickr)
 
 
 # --------------------------------------------------------------------------- shared state
@@ -225,7 +225,7 @@ def random_flickr() -> None:
 class Current:
     """What the sidebar selected. ``image`` is None when there is no usable image (error shown)."""
 
-    model: Optional[sv.ModelInfo]
+    model: Optional[registry.ModelInfo]
     models: list
     data: Optional[bytes]
     digest: Optional[str]
@@ -247,7 +247,7 @@ class Current:
         return load_model(self.model)
 
 
-def load_model(m: sv.ModelInfo):
+def load_model(m: registry.ModelInfo):
     if m.error:
         st.error(f"Model {m.name} cannot be loaded: {m.error}")
         return None
@@ -265,14 +265,14 @@ SOURCES = ("Sample photo", "Upload", "Flickr8k test photo")
 def sidebar() -> Current:
     """Draw the sidebar and return the selection (stored in st.session_state['current'])."""
     sb = st.sidebar
-    models = model_list(str(sv.models_dir()))
+    models = model_list(str(registry.models_dir()))
     model = None
     if not models:
-        sb.error(sv.no_models_message())
+        sb.error(registry.no_models_message())
     else:
         names = [m.name for m in models]
         name = sb.selectbox("Model", names, key="model_name", format_func=lambda n: next(m.title for m in models if m.name == n),
-                            help=f"Every model bundle found in {sv.models_dir()}")
+                            help=f"Every model bundle found in {registry.models_dir()}")
         model = next(m for m in models if m.name == name)
         if model.error:
             sb.error(f"{model.name}: {model.error}")
@@ -282,20 +282,19 @@ def sidebar() -> Current:
     data, label, fname, err = None, "", None, None
     if source == "Upload":
         up = sb.file_uploader("Upload a photo", type=None, key="upload",
-                              help=f"JPEG, PNG, WebP, BMP, GIF (first frame) or TIFF, up to {sv.MAX_UPLOAD_MB} MB")
+                              help=f"JPEG, PNG, WebP, BMP, GIF (first frame) or TIFF, up to {photos.MAX_UPLOAD_MB} MB")
         if up is not None:
             data, label = up.getvalue(), up.name
             if not data:
-                err = sv.image_error_message(up.name, ImageError("the file is empty"))
+                err = photos.image_error_message(up.name, ImageError("the file is empty"))
     elif source == "Sample photo":
-        name = sb.selectbox("Sample", sv.sample_names(), key="sample")
-        data, label = sv.sample_bytes(name), f"sample: {name}"
+        name = sb.selectbox("Sample", photos.sample_names(), key="sample")
+        data, label = photos.sample_bytes(name), f"sample: {name}"
     else:
-        photos = flickr_photos()
-        fname = sb.selectbox("Flickr8k test photo", photos, key="flickr", help="Shown with its five reference captions")
+        fname = sb.selectbox("Flickr8k test photo", flickr_photos(), key="flickr", help="Shown with its five reference captions")
         sb.button("Random photo", key="flickr_random", on_click=random_flickr, icon=":material/shuffle:")
         try:
-            data, label = sv.flickr_bytes(fname), fname
+            data, label = photos.flickr_bytes(fname), fname
         except ImageError as e:
             err = str(e)
 
@@ -315,11 +314,11 @@ def sidebar() -> Current:
     cur = Current(model, models, data, None, label, fname, beam=int(beam), length_penalty=float(lp),
                   nbest=int(min(nbest, beam)), rerank=rerank)
     if data is not None and err is None:
-        cur.digest = sv.digest(data)
+        cur.digest = photos.digest(data)
         try:
             cur.image, cur.full, cur.note = decoded(cur.digest, data)
         except Exception as e:  # noqa: BLE001 - ImageError, or anything else a file can provoke: never a crash
-            err = sv.image_error_message(label, e)
+            err = photos.image_error_message(label, e)
     cur.error = err
     st.session_state["current"] = cur
     return cur
@@ -347,13 +346,13 @@ def require_image(cur: Current, show_examples: bool = False) -> bool:
 def require_captioner(cur: Current):
     """The sidebar's model loaded, or None after telling the user why (no model, or it failed to load)."""
     if cur.model is None:
-        st.warning(sv.no_models_message())
+        st.warning(registry.no_models_message())
         return None
     return cur.get_captioner()
 
 
 def current_caption(cur: Current, model=None):
-    """(Captioner, CaptionOut) for the sidebar's model, photo and settings, or (None, None)."""
+    """(Captioner, TimedCaption) for the sidebar's model, photo and settings, or (None, None)."""
     model = model or require_captioner(cur)
     if model is None or cur.image is None:
         return None, None

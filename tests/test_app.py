@@ -30,7 +30,7 @@ TIMEOUT = 120
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from app import services as sv  # noqa: E402
+from app.services import NotAvailable, captions, explanations, figures, photos, registry  # noqa: E402
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -164,7 +164,7 @@ def bad_bytes(kind: str) -> bytes:
     if kind == "decompression bomb":
         return bomb_png()
     if kind == "over the size limit":
-        return enc(photo(), "PNG") + b"\x00" * (sv.MAX_UPLOAD_MB * 2 ** 20 + 1)
+        return enc(photo(), "PNG") + b"\x00" * (photos.MAX_UPLOAD_MB * 2 ** 20 + 1)
     return data
 
 
@@ -190,8 +190,10 @@ def odd_images() -> dict[str, tuple[str, bytes, tuple[int, int]]]:
 
 # =========================================================================== services
 
-def test_services_does_not_import_streamlit():
-    code = "import sys; import app.services; print('streamlit' in sys.modules)"
+def test_services_do_not_import_streamlit():
+    code = ("import sys; import app.services.registry, app.services.photos, app.services.captions, "
+            "app.services.explanations, app.services.embeddings, app.services.figures; "
+            "print('streamlit' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
@@ -199,24 +201,24 @@ def test_services_does_not_import_streamlit():
 
 
 def test_list_models_order_and_broken(models, tmp_path):
-    names = [m.name for m in sv.list_models(models)]
+    names = [m.name for m in registry.list_models(models)]
     assert names == ["show_attend_tell", "show_tell", "merge"]
-    ms = {m.name: m for m in sv.list_models(models)}
+    ms = {m.name: m for m in registry.list_models(models)}
     assert ms["show_attend_tell"].has_attention and not ms["show_tell"].has_attention
     assert all(m.error is None for m in ms.values())
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     (tmp_path / "not_a_model").mkdir()
-    out = sv.list_models(tmp_path)
+    out = registry.list_models(tmp_path)
     assert [m.name for m in out] == ["broken"] and "not valid JSON" in out[0].error
-    assert sv.list_models(tmp_path / "missing") == []
-    assert "No trained model" in sv.no_models_message(tmp_path)
+    assert registry.list_models(tmp_path / "missing") == []
+    assert "No trained model" in registry.no_models_message(tmp_path)
 
 
 @pytest.mark.parametrize("kind", list(BAD_FILES))
 def test_decode_bad_files_raise_one_line(kind):
     with pytest.raises(ImageError) as e:
-        sv.decode_image(bad_bytes(kind))
+        photos.decode_image(bad_bytes(kind))
     msg = str(e.value)
     assert "\n" not in msg and BAD_FILES[kind][2].lower() in msg.lower(), msg
 
@@ -224,20 +226,20 @@ def test_decode_bad_files_raise_one_line(kind):
 @pytest.mark.parametrize("kind", list(odd_images()))
 def test_decode_odd_images(kind):
     name, data, size = odd_images()[kind]
-    im = sv.decode_image(data)
+    im = photos.decode_image(data)
     assert im.mode == "RGB" and im.size == size
 
 
 def test_display_copy_and_digest():
     im = photo(2000, 1000)
-    d = sv.display_copy(im)
-    assert max(d.size) == sv.DISPLAY_SIDE and d.size[0] == 2 * d.size[1] and im.size == (2000, 1000)
-    assert sv.digest(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    assert sv.image_note(im, enc(im, "PNG")).startswith("PNG RGB 2000x1000")
+    d = photos.display_copy(im)
+    assert max(d.size) == photos.DISPLAY_SIDE and d.size[0] == 2 * d.size[1] and im.size == (2000, 1000)
+    assert photos.digest(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert photos.image_note(im, enc(im, "PNG")).startswith("PNG RGB 2000x1000")
 
 
 def test_word_labels_are_unique():
-    labels = sv.word_labels(["a", "dog", "and", "a", "cat"])
+    labels = captions.word_labels(["a", "dog", "and", "a", "cat"])
     assert len(set(labels)) == 5 and labels[1] == "dog"
 
 
@@ -250,64 +252,64 @@ def test_cider_d_matches_pycocoevalcap_on_its_own_corpus():
             "3": ["a man rides a red bike", "a man on a bike", "a person riding a red bicycle"]}
     preds = {"1": "a dog runs on grass", "2": "two dogs play in the snow", "3": "a dog on a bike"}
     ref_scores = Cider().compute_score(refs, {k: [v] for k, v in preds.items()})[1]
-    df = sv.doc_freq_from_refs(refs)
-    ours = [sv.cider_d(preds[k], refs[k], df) for k in refs]
+    df = captions.doc_freq_from_refs(refs)
+    ours = [captions.cider_d(preds[k], refs[k], df) for k in refs]
     assert np.allclose(ours, ref_scores, atol=1e-9), (ours, ref_scores)
 
 
 def test_per_image_scores_with_fixed_doc_freq():
     refs = ["two dogs play in the snow", "dogs playing in snow", "two brown dogs in the snow"]
-    df = sv.doc_freq_from_refs({"a": refs, "b": ["a man on a bike"], "c": ["a cat on a mat"], "d": ["a red car"]})
-    good = sv.per_image_scores("two dogs play in the snow", refs, df)
-    bad = sv.per_image_scores("a man rides a bike", refs, df)
+    df = captions.doc_freq_from_refs({"a": refs, "b": ["a man on a bike"], "c": ["a cat on a mat"], "d": ["a red car"]})
+    good = captions.per_image_scores("two dogs play in the snow", refs, df)
+    bad = captions.per_image_scores("a man rides a bike", refs, df)
     assert set(good) == {"BLEU-4", "CIDEr"}
     assert good["BLEU-4"] > 0.5 > bad["BLEU-4"] and good["CIDEr"] > 1.0 > bad["CIDEr"] >= 0.0
 
 
 @pytest.mark.slow
 def test_training_doc_freq_from_flickr8k(flickr8k_dir):
-    df = sv.training_doc_freq()
+    df = captions.training_doc_freq()
     assert df is not None and df.n_images >= 5000
     assert df.df[("dog",)] > 500 and df.df[("a",)] > df.df[("dog",)]
 
 
 def test_caption_service_and_maps(models):
-    cap = sv.load_captioner(str(models / "show_attend_tell"), encoder=None)
+    cap = registry.load_captioner(str(models / "show_attend_tell"), encoder=None)
     im = photo()
-    out = sv.caption(cap, im, beam_size=3, nbest=5)
+    out = captions.caption(cap, im, beam_size=3, nbest=5)
     assert len(out.captions) == 3  # nbest clipped to the beam
     assert out.attention is not None and out.attention.shape[1:] == (7, 7)
     assert out.attention.shape[0] in (len(out.words), len(out.words) + 1)
     assert out.lattice
-    maps = sv.grad_cam_all(cap, im, out.tokens)
+    maps = explanations.grad_cam_all(cap, im, out.tokens)
     assert len(maps) == len(out.words) + 1 and maps[0].shape == (224, 224)
-    ov = sv.attention_overlay(sv.display_copy(im), out.attention, 0)
+    ov = figures.attention_overlay(photos.display_copy(im), out.attention, 0)
     assert ov.shape == (64, 96, 3) and 0 <= ov.min() and ov.max() <= 1
-    assert sv.attention_overlay(im, None, 0) is None
-    fig = sv.beam_tree_figure(out.lattice, cap.vocab, out.tokens, out.best["finished"])
+    assert figures.attention_overlay(im, None, 0) is None
+    fig = figures.beam_tree_figure(out.lattice, cap.vocab, out.tokens, out.best.finished)
     assert len(fig.data) >= 2
-    with pytest.raises(sv.NotAvailable):
-        sv.beam_tree_figure(None, cap.vocab)
+    with pytest.raises(NotAvailable):
+        figures.beam_tree_figure(None, cap.vocab)
 
 
 def test_model_files_and_published_numbers(models, tmp_path):
     p = str(models / "show_attend_tell")
-    assert "Tiny test model" in sv.model_card(p)
-    assert sv.test_metrics(p)["CIDEr"] == pytest.approx(0.321)
-    rows = sv.training_curves(p)
+    assert "Tiny test model" in registry.model_card(p)
+    assert registry.test_metrics(p)["CIDEr"] == pytest.approx(0.321)
+    rows = registry.training_curves(p)
     assert [r["epoch"] for r in rows] == [1.0, 2.0] and rows[1]["val_cider"] == pytest.approx(0.35)
-    assert len(sv.curves_figure(rows).data) == 4
+    assert len(figures.curves_figure(rows).data) == 4
     # A two-stage curve (cross-entropy, then distillation) marks where the second stage starts.
     staged = tmp_path / "staged"
     staged.mkdir()
     (staged / "metrics.csv").write_text("epoch,train_loss,val_cider,stage\n1,3.0,0.3,xe\n2,2.5,0.4,xe\n3,2.4,0.45,distill\n")
-    rows = sv.training_curves(str(staged))
+    rows = registry.training_curves(str(staged))
     assert [r["stage"] for r in rows] == ["xe", "xe", "distill"] and rows[2]["val_cider"] == pytest.approx(0.45)
-    fig = sv.curves_figure(rows)
+    fig = figures.curves_figure(rows)
     assert [s.x0 for s in fig.layout.shapes] == [2.5, 2.5]
     assert [a.text for a in fig.layout.annotations if "from here" in a.text] == ["distill from here"]
-    assert not sv.curves_figure(sv.training_curves(p)).layout.shapes
-    table = sv.metrics_table({"show_attend_tell": sv.test_metrics(p), "show_tell": None})
+    assert not figures.curves_figure(registry.training_curves(p)).layout.shapes
+    table = registry.metrics_table({"show_attend_tell": registry.test_metrics(p), "show_tell": None})
     assert table[0]["model"] == "show_attend_tell" and table[0]["BLEU-4"] == pytest.approx(0.111)
     soft = next(r for r in table if "soft" in r["model"])
     hard = next(r for r in table if "hard" in r["model"])
@@ -316,13 +318,13 @@ def test_model_files_and_published_numbers(models, tmp_path):
     # Broken or missing files: None, never an exception.
     (tmp_path / "metrics.json").write_text("[1, 2")
     (tmp_path / "metrics.csv").write_text("")
-    assert sv.test_metrics(str(tmp_path)) is None and sv.training_curves(str(tmp_path)) is None
-    assert sv.model_card(str(tmp_path)) is None
+    assert registry.test_metrics(str(tmp_path)) is None and registry.training_curves(str(tmp_path)) is None
+    assert registry.model_card(str(tmp_path)) is None
 
 
 def test_faithfulness_verdict_needs_both_curves():
     def f(d, i):
-        return sv.Faithfulness("m", deletion_auc=d, insertion_auc=i, random_deletion_auc=0.3, random_insertion_auc=0.3)
+        return explanations.Faithfulness("m", deletion_auc=d, insertion_auc=i, random_deletion_auc=0.3, random_insertion_auc=0.3)
 
     assert f(0.2, 0.4).beats_random
     assert not f(0.2, 0.2).beats_random  # deletes well, inserts worse than random
@@ -331,7 +333,7 @@ def test_faithfulness_verdict_needs_both_curves():
     assert not f(0.3, 0.4).beats_random and not f(0.2, 0.3).beats_random  # a tie is not a win
     # With several random orders the verdict counts only outside their band (mean ± 1 SD).
     def b(d, i):
-        return sv.Faithfulness("m", d, i, 0.3, 0.3, random_deletion_band=(0.25, 0.35),
+        return explanations.Faithfulness("m", d, i, 0.3, 0.3, random_deletion_band=(0.25, 0.35),
                                random_insertion_band=(0.25, 0.35), seeds=5)
 
     assert b(0.2, 0.4).beats_random and b(0.2, 0.4).verdict == "faithful"
@@ -349,7 +351,7 @@ def test_faithfulness_service_tells_a_good_map_from_bad_ones():
     tokens = cap.vocab.encode("a red square", add_special=False)
     good = toy_mask((3, 4)).astype(np.float32)
     noise = np.random.default_rng(1).random(good.shape).astype(np.float32)
-    res = {r.method: r for r in sv.faithfulness(cap, img, tokens, 1, {"good": good, "reversed": -good,
+    res = {r.method: r for r in explanations.faithfulness(cap, img, tokens, 1, {"good": good, "reversed": -good,
                                                                       "random": noise}, steps=12)}
     assert list(res) == ["good", "reversed", "random"]
     assert res["good"].beats_random, res["good"]
@@ -363,11 +365,11 @@ def test_faithfulness_service_tells_a_good_map_from_bad_ones():
         assert len(x) == len(y) == 13 and x[0] == 0 and x[-1] == 1
     # Five seeded random orders by default, their spread a band around the mean, drawn in the figure.
     r = res["good"]
-    assert r.seeds == sv.RANDOM_SEEDS == 5
+    assert r.seeds == explanations.RANDOM_SEEDS == 5
     assert r.random_deletion_band[0] < r.random_deletion_auc < r.random_deletion_band[1]
     lo, hi = r.curves["random deletion low"][1], r.curves["random deletion high"][1]
     assert all(a <= c for a, c in zip(lo, hi)) and any(a < c for a, c in zip(lo, hi))
-    assert any("mean ± 1 SD" in (t.name or "") for t in sv.faithfulness_figure(list(res.values())).data)
+    assert any("mean ± 1 SD" in (t.name or "") for t in figures.faithfulness_figure(list(res.values())).data)
 
 
 # =========================================================================== pages
@@ -407,12 +409,12 @@ def test_caption_page_sample(models):
     assert (nbest["log-prob"] <= 0).all() and nbest["caption"].iloc[0] == text
     # The words are clickable; the first content word is selected and its two overlays shown beside the photo.
     pills = at.pills[0]
-    assert pills.value == sv.first_content_word(text.split()) and len(pills.options) == len(text.split())
+    assert pills.value == captions.first_content_word(text.split()) and len(pills.options) == len(text.split())
     assert len(page_images(at)) == 4  # photo, photo again, attention, Grad-CAM
     # Attention is shown as the decoder's weights with its measured score, never as an explanation.
-    captions = [c for i in at.image for c in i.captions]
-    assert any(c.startswith("decoder attention for") and "not an explanation" in c for c in captions), captions
-    assert any(sv.ATTENTION_NOTE in c.value for c in at.caption)
+    labels = [c for i in at.image for c in i.captions]
+    assert any(c.startswith("decoder attention for") and "not an explanation" in c for c in labels), labels
+    assert any(explanations.ATTENTION_NOTE in c.value for c in at.caption)
     if len(pills.options) > 1:
         other = 1 if pills.value != 1 else 0
         pills.set_value(other).run()
@@ -457,7 +459,7 @@ def test_model_without_attention(models):
     no_exceptions(at)
     assert best_caption(at)
     assert any("has no attention" in i.value for i in at.info)
-    assert not any(sv.ATTENTION_NOTE in c.value for c in at.caption)
+    assert not any(explanations.ATTENTION_NOTE in c.value for c in at.caption)
 
 
 @pytest.mark.parametrize("kind", list(BAD_FILES))
@@ -491,7 +493,7 @@ def test_flickr8k_photo_with_references_and_scores(flickr8k_dir):
     at.radio(key="source").set_value("Flickr8k test photo").run()
     no_exceptions(at)
     name = at.selectbox(key="flickr").value
-    refs = sv.flickr_references(name)
+    refs = photos.flickr_references(name)
     assert len(refs) == 5
     md = "\n".join(m.value for m in at.markdown)
     assert refs[0].split()[0] in md and "Reference captions" in md
@@ -506,16 +508,16 @@ def test_explain_page(models):
     no_exceptions(at)
     assert at.selectbox(key="gallery_method").value == "grad_cam"
     assert len(at.image) == n_words  # the Grad-CAM gallery: one overlay per word
-    assert not any(note in c.value for c in at.caption for note in sv.NOT_EXPLANATIONS.values())
+    assert not any(note in c.value for c in at.caption for note in explanations.NOT_EXPLANATIONS.values())
     at.selectbox(key="gallery_method").set_value("attention").run()
     no_exceptions(at)
     assert len(at.image) == n_words
-    assert any(sv.ATTENTION_NOTE in c.value for c in at.caption)
-    assert not any(sv.SMOOTHGRAD_NOTE in c.value for c in at.caption)
+    assert any(explanations.ATTENTION_NOTE in c.value for c in at.caption)
+    assert not any(explanations.SMOOTHGRAD_NOTE in c.value for c in at.caption)
     at.selectbox(key="gallery_method").set_value("smoothgrad").run()
     no_exceptions(at)
     assert len(at.image) == n_words
-    assert any(sv.SMOOTHGRAD_NOTE in c.value for c in at.caption)
+    assert any(explanations.SMOOTHGRAD_NOTE in c.value for c in at.caption)
     # Side by side: cheap methods first, with the deletion/insertion check.
     at.session_state["cmp_methods"] = ["grad_cam", "attention"]
     at.segmented_control(key="explain_section").set_value("Methods side by side").run()
@@ -544,7 +546,7 @@ def test_explain_page(models):
     else:
         assert not at.warning and len(at.success) == 1 and "Every map beats" in at.success[0].value
     assert len(at.get("plotly_chart")) == 1
-    assert any(sv.ATTENTION_NOTE in c.value for c in at.caption)
+    assert any(explanations.ATTENTION_NOTE in c.value for c in at.caption)
     # A perturbation method for one word, check off.
     at.toggle(key="run_faith").set_value(False).run()
     at.multiselect(key="cmp_methods").set_value(["occlusion"]).run()
@@ -561,7 +563,7 @@ def test_explain_page_names_the_maps_that_lose(models, monkeypatch):
     does not claim they all win: here the attention row is made to lose on deletion."""
     import streamlit as st
 
-    real = sv.faithfulness
+    real = explanations.faithfulness
 
     def one_loser(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -572,7 +574,7 @@ def test_explain_page_names_the_maps_that_lose(models, monkeypatch):
                 r.deletion_auc, r.insertion_auc = r.random_deletion_auc - 0.1, r.random_insertion_auc + 0.1
         return out
 
-    monkeypatch.setattr(sv, "faithfulness", one_loser)
+    monkeypatch.setattr(explanations, "faithfulness", one_loser)
     st.cache_data.clear()  # earlier tests cached the real results
     at = app()
     at.switch_page("views/explain.py").run()
@@ -605,17 +607,17 @@ def test_encoder_page(models):
     at.selectbox(key="enc_layer").set_value("stage1.block0").run()
     no_exceptions(at)
     assert len([i for i in at.image]) >= 1 + 8
-    captions = [c for i in at.image for c in i.captions]
-    channel_tiles = [c for c in captions if c.startswith("channel ")]
-    assert len(channel_tiles) == 8, captions  # the "Channels" slider's default
-    assert not any(c.startswith("stage1.block0, channel") for c in captions)  # nothing visualised yet
+    labels = [c for i in at.image for c in i.captions]
+    channel_tiles = [c for c in labels if c.startswith("channel ")]
+    assert len(channel_tiles) == 8, labels  # the "Channels" slider's default
+    assert not any(c.startswith("stage1.block0, channel") for c in labels)  # nothing visualised yet
     at.select_slider(key="fv_steps").set_value(32).run()
     at.button(key="fv_go").click().run()
     no_exceptions(at)
-    captions = [c for i in at.image for c in i.captions]
+    labels = [c for i in at.image for c in i.captions]
     channel = at.selectbox(key="fv_channel-stage1.block0").value
-    vis = [c for c in captions if c.startswith(f"stage1.block0, channel {channel} (")]
-    assert len(vis) == 1 and any(f"({src}," in vis[0] for src in ("computed", "memory", "disk")), captions
+    vis = [c for c in labels if c.startswith(f"stage1.block0, channel {channel} (")]
+    assert len(vis) == 1 and any(f"({src}," in vis[0] for src in ("computed", "memory", "disk")), labels
 
 
 def _reference_neighbours(folder: Path, word: str, space: str, k: int) -> list[str]:
@@ -689,32 +691,6 @@ def test_model_page(models):
     assert len(compare) == 3
 
 
-def test_missing_explain_functions_show_a_note(models, monkeypatch):
-    """If part of explain/ is missing, that spot says so and the rest of the page works."""
-    import explain.beam
-    import explain.embeddings
-    import explain.encoder
-
-    monkeypatch.delattr(explain.beam, "beam_tree")
-    monkeypatch.delattr(explain.embeddings, "load_projection")
-    monkeypatch.delattr(explain.encoder, "layer_info")
-    import streamlit as st
-
-    st.cache_data.clear()  # earlier tests cached these results
-    at = app()
-    at.switch_page("views/explain.py").run()
-    at.segmented_control(key="explain_section").set_value("Beam-search tree").run()
-    no_exceptions(at)
-    assert any("not available" in i.value and "beam_tree" in i.value for i in at.info)
-    at.switch_page("views/embeddings.py").run()
-    no_exceptions(at)
-    assert any("not available" in i.value for i in at.info)
-    at.switch_page("views/encoder.py").run()
-    no_exceptions(at)
-    assert len(at.dataframe[0].value) == 5  # ImageNet top-5 still shown
-    assert any("not available" in i.value for i in at.info)
-
-
 def test_length_penalty_defaults_to_the_models(models, tmp_path):
     """The sidebar starts at the length penalty the bundle records (chosen on the dev split)."""
     import shutil
@@ -762,17 +738,17 @@ def test_rerank_toggle(models, tmp_path):
 # =========================================================================== issue 26: first-time user
 
 def test_first_content_word_display_maps_and_plain_errors():
-    assert sv.first_content_word("a dog runs on the grass".split()) == 1
-    assert sv.first_content_word("two dogs play".split()) == 0
-    assert sv.first_content_word(["a", "the"]) == 0  # nothing else: the first word
-    assert sv.word_option_labels(["a", "dog"], [0.9, 0.25]) == ["a · 0.90", "dog · 0.25"]
+    assert captions.first_content_word("a dog runs on the grass".split()) == 1
+    assert captions.first_content_word("two dogs play".split()) == 0
+    assert captions.first_content_word(["a", "the"]) == 0  # nothing else: the first word
+    assert captions.word_option_labels(["a", "dog"], [0.9, 0.25]) == ["a · 0.90", "dog · 0.25"]
     # Pixel methods are shown as |value|, smoothed, clipped at the 99th percentile: a map and its
     # negative look the same, the result spans [0, 1], and the raw map is left untouched.
     rng = np.random.default_rng(0)
     raw = rng.normal(size=(64, 64)).astype(np.float32)
     copy = raw.copy()
-    shown = sv.display_map(raw, "integrated_gradients")
-    np.testing.assert_allclose(shown, sv.display_map(-raw, "integrated_gradients"))
+    shown = figures.display_map(raw, "integrated_gradients")
+    np.testing.assert_allclose(shown, figures.display_map(-raw, "integrated_gradients"))
     assert shown.min() >= 0 and shown.max() == 1 and (shown == 1).mean() >= 0.009
     assert np.array_equal(raw, copy)
     assert np.abs(np.diff(shown, axis=1)).mean() < np.abs(np.diff(np.abs(raw), axis=1)).mean() / 3  # smoothed
@@ -780,12 +756,12 @@ def test_first_content_word_display_maps_and_plain_errors():
     cam = np.zeros((8, 8), np.float32)
     cam[:4] = -1.0
     cam[4:] = np.linspace(0.1, 2, 32).reshape(4, 8)
-    d = sv.display_map(cam, "grad_cam")
+    d = figures.display_map(cam, "grad_cam")
     assert (d[:4] == 0).all() and d.max() == 1
-    assert "99th percentile" in sv.map_normalisation("grad_cam") and "|attribution|" in sv.map_normalisation(
+    assert "99th percentile" in figures.map_normalisation("grad_cam") and "|attribution|" in figures.map_normalisation(
         "integrated_gradients")
     # A decoder's own exception never reaches the user by its Python name.
-    msg = sv.image_error_message("x.png", IndexError("list index out of range"))
+    msg = photos.image_error_message("x.png", IndexError("list index out of range"))
     assert "IndexError" not in msg and "index" not in msg and msg.startswith("x.png: the file could not be read")
 
 
@@ -793,15 +769,15 @@ def test_training_curve_scst_panel_and_table(tmp_path):
     (tmp_path / "metrics.csv").write_text(
         "epoch,train_loss,val_loss,val_cider,sample_prob,train_reward,seconds,stage\n"
         "1,3.0,2.9,0.40,0.0,,100,xe\n2,2.8,2.8,0.45,0.0,,100,xe\n3,-0.1,2.9,0.47,0.0,0.30,80,scst\n")
-    rows = sv.training_curves(str(tmp_path))
-    fig = sv.curves_figure(rows)
+    rows = registry.training_curves(str(tmp_path))
+    fig = figures.curves_figure(rows)
     xe = next(t for t in fig.data if t.name == "train loss")
     assert list(xe.y) == [3.0, 2.8, None]  # the SCST loss is not drawn on the cross-entropy line
     pg = next(t for t in fig.data if t.name == "SCST policy loss")
     assert list(pg.y) == [None, None, -0.1] and pg.xaxis == "x2"
     assert [a.text for a in fig.layout.annotations][:3] == ["Cross-entropy loss", "Self-critical epochs",
                                                              "Validation scores"]
-    table = sv.curve_table(rows)
+    table = registry.curve_table(rows)
     assert "sample_prob" not in table[0] and "train_reward" in table[0] and "val_cider" in table[0]
 
 
@@ -810,21 +786,23 @@ def test_caption_page_for_a_first_time_user(models, monkeypatch):
     probability; the map has a colour scale and its normalisation; the faithfulness badge comes
     on demand with the note that faithful is not correct; a repeat view says "cached"; an example
     button switches the photo."""
+    import dataclasses
+
     import streamlit as st
 
-    real = sv.caption
+    real = captions.caption
     fixed = [WORDS.index(w) + 4 for w in "a dog runs on the grass".split()]
 
     def a_dog(captioner, image, *args, **kwargs):
         out = real(captioner, image, *args, **kwargs)
         words = [captioner.vocab.itos[i] for i in fixed]
         assert words == "a dog runs on the grass".split()
-        out.captions[0] = dict(out.captions[0], text=" ".join(words), words=words, tokens=fixed)
-        if out.attention is not None:
-            out.attention = np.full((len(fixed) + 1, 7, 7), 1 / 49, np.float32)
+        att = None if out.attention is None else np.full((len(fixed) + 1, 7, 7), 1 / 49, np.float32)
+        out.captions[0] = dataclasses.replace(out.captions[0], text=" ".join(words), words=words, tokens=fixed,
+                                              attention=att)
         return out
 
-    monkeypatch.setattr(sv, "caption", a_dog)
+    monkeypatch.setattr(captions, "caption", a_dog)
     st.cache_data.clear()
     at = app()
     no_exceptions(at)
@@ -834,8 +812,8 @@ def test_caption_page_for_a_first_time_user(models, monkeypatch):
     pills = at.pills[0]
     assert pills.value == 1  # "dog", not "a"
     cur = at.session_state["current"]
-    model = sv.load_captioner(str(models / "show_attend_tell"))
-    probs = sv.word_probs(model, cur.full, fixed)
+    model = registry.load_captioner(str(models / "show_attend_tell"))
+    probs = explanations.word_probs(model, cur.full, fixed)
     assert len(probs) == 6 and all(0 < p < 1 for p in probs)
     assert list(pills.options) == [f"{w} · {p:.2f}" for w, p in zip("a dog runs on the grass".split(), probs)]
     assert 'class="colour-scale"' in md and "99th percentile" in md
@@ -845,7 +823,7 @@ def test_caption_page_for_a_first_time_user(models, monkeypatch):
     no_exceptions(at)
     badge = [m.value for m in at.markdown if "faithfulness:" in m.value]
     assert len(badge) == 1 and any(v in badge[0] for v in ("faithful", "random")), badge
-    assert any(sv.FAITHFUL_IS_NOT_CORRECT in c.value for c in at.caption)
+    assert any(explanations.FAITHFUL_IS_NOT_CORRECT in c.value for c in at.caption)
     # Nothing recomputed on this rerun: the caption line says "cached", not a stale time.
     assert any("cached" in c.value and "log-probability" in c.value for c in at.caption)
     # An example thumbnail's button shows that photo.

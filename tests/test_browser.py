@@ -47,18 +47,18 @@ def _requirements():
         import playwright.sync_api  # noqa: F401
     except ImportError:
         pytest.skip("playwright is not installed (pip install playwright)")
-    from app import services as sv
+    from app.services import photos, registry
 
-    if sv.flickr_dataset() is None:
+    if photos.flickr_dataset() is None:
         pytest.skip("Flickr8k not found at ../shared/data/flickr8k")
-    models = [m for m in sv.list_models() if not m.error]
+    models = [m for m in registry.list_models() if not m.error]
     if not models:
-        pytest.skip(f"no trained model in {sv.models_dir()} (the browser test needs a real captioner)")
-    dogs = sv.find_photos_mentioning("dog", "test", min_refs=5)
+        pytest.skip(f"no trained model in {registry.models_dir()} (the browser test needs a real captioner)")
+    dogs = photos.find_photos_mentioning("dog", "test", min_refs=5)
     if len(dogs) < 2:
         pytest.skip("no Flickr8k test photo whose five references all mention a dog")
-    others = [n for n in sv.flickr_test_photos() if n not in dogs][:PAGES]
-    ds = sv.flickr_dataset()
+    others = [n for n in photos.flickr_test_photos() if n not in dogs][:PAGES]
+    ds = photos.flickr_dataset()
     return [ds.path(n) for n in dogs[:2]], [ds.path(n) for n in others]
 
 
@@ -199,7 +199,7 @@ def idle(page) -> None:
 def check_words(page, where: str) -> list[dict]:
     """The fixed points of the word control: none cut short, each with its probability, the first
     content word selected."""
-    from app import services as sv
+    from app.services import captions
 
     page.locator(WORD_BUTTONS).first.wait_for(timeout=120_000)
     words = word_buttons(page)
@@ -208,7 +208,7 @@ def check_words(page, where: str) -> list[dict]:
     assert all(re.search(r" · [01]\.\d\d$", w["text"]) for w in words), f"{where}: words without probability {words}"
     plain = [plain_word(w["text"]) for w in words]
     active = [i for i, w in enumerate(words) if w["active"]]
-    assert active == [sv.first_content_word(plain)], f"{where}: selected {active}, words {plain}"
+    assert active == [captions.first_content_word(plain)], f"{where}: selected {active}, words {plain}"
     return words
 
 
@@ -349,7 +349,8 @@ def test_ten_pages_caption_at_once(server, browser):
     photos = server["others"][:PAGES]
     if len(photos) < PAGES:
         pytest.skip(f"fewer than {PAGES} other Flickr8k test photos")
-    from app import services as sv
+    from app.services import captions, registry
+    from app.services.photos import MODEL_SIDE, decode_image, display_copy
 
     pages = []
     t0 = time.perf_counter()
@@ -381,11 +382,11 @@ def test_ten_pages_caption_at_once(server, browser):
     assert all(texts) and len(texts) == PAGES
     # Each page shows the caption of its own photo, not a neighbour's: the app's first model with
     # the sidebar's defaults (beam 3, N-best 3, the model's length penalty and re-ranking).
-    model = next(m for m in sv.list_models() if not m.error)
-    cap = sv.load_captioner(str(model.path))
+    model = next(m for m in registry.list_models() if not m.error)
+    cap = registry.load_captioner(str(model.path))
     for f, text in zip(photos, texts):
-        im = sv.display_copy(sv.decode_image(Path(f).read_bytes()), sv.MODEL_SIDE)
-        want = sv.caption(cap, im, 3, model.length_penalty, 3, rerank=model.rerank).text
+        im = display_copy(decode_image(Path(f).read_bytes()), MODEL_SIDE)
+        want = captions.caption(cap, im, 3, model.length_penalty, 3, rerank=model.rerank).text
         assert text == want, (f.name, text, want)
     out = ARTIFACTS / "browser_timings.json"
     d = json.loads(out.read_text()) if out.is_file() else {}

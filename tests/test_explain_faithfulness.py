@@ -332,18 +332,18 @@ def test_grad_cam_deletion_auc_below_random_on_trained_model(trained_deletion_au
 
 
 def _app_methods(cap) -> list[str]:
-    from app import services as sv
+    from app.services import explanations
 
-    methods = sv.explanation_methods(cap)
+    methods = explanations.explanation_methods(cap)
     assert {"integrated_gradients", "gradient_shap", "occlusion", "grad_cam"} <= set(methods), methods
     return methods
 
 
 def _app_map(cap, x, tokens, t, method) -> np.ndarray:
-    """The map the app shows: its own options (app.services.FAST_OPTIONS)."""
-    from app import services as sv
+    """The map the app shows: its own options (app.services.explanations.FAST_OPTIONS)."""
+    from app.services import explanations
 
-    return attribute(cap, x, tokens, t, method, **sv.FAST_OPTIONS.get(method, {})).map
+    return attribute(cap, x, tokens, t, method, **explanations.FAST_OPTIONS.get(method, {})).map
 
 
 @pytest.mark.slow
@@ -371,12 +371,12 @@ def test_every_app_explanation_passes_model_randomisation_on_the_shipped_model(s
     map must change. Spearman of the two maps, mean over the first 4 fixed words. Measured:
     IG 0.01 / |map| 0.41, GradientSHAP 0.02 / 0.29, occlusion 0.14 / 0.27, Grad-CAM 0.21,
     attention 0.15; SmoothGrad 0.94, which is why the app does not offer it as an explanation."""
-    from app import services as sv
+    from app.services import explanations
 
     cap, words = shipped_words
     out = {}
     for method in _app_methods(cap):
-        rs = [model_randomisation(cap, x, tokens, t, method, **sv.FAST_OPTIONS.get(method, {}))
+        rs = [model_randomisation(cap, x, tokens, t, method, **explanations.FAST_OPTIONS.get(method, {}))
               for x, tokens, t, _ in words[:4]]
         out[method] = (float(np.mean([r.spearman for r in rs])), float(np.mean([r.spearman_abs for r in rs])))
     print(f"Spearman with randomised decoder (raw, abs) over 4 words: {out}")

@@ -6,14 +6,15 @@ import html
 
 import streamlit as st
 
-from app import services as sv
+from app.services import COMPUTE_LOCK, NotAvailable
+from app.services import explanations, figures, photos
 from app import ui
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _recognition(model_key, digest, _model, _image):
     """(ImageNet top-3 with caption words, FamiliarityScore or None) for one photo and model."""
-    with sv.COMPUTE_LOCK:
+    with COMPUTE_LOCK:
         _, pooled = _model.encode(_model.pixels([_image]))
     fam = _model.familiarity.score(pooled)[0] if getattr(_model, "familiarity", None) is not None else None
     return _model.recognise(pooled, k=3)[0], fam
@@ -51,7 +52,7 @@ with right:
               if cur.rerank else "")
     took = "cached" if getattr(out, "cached", False) else f"{out.seconds * 1000:.0f} ms"
     st.caption(f"{cur.model.title} · beam {cur.beam}, length penalty {cur.length_penalty:g}{rerank} · "
-               f"log-probability {out.best['logprob']:.2f} · {took}")
+               f"log-probability {out.best.logprob:.2f} · {took}")
 
     # What the encoder's ImageNet head recognises and how familiar the photo is (issue 24).
     rec, fam = _recognition(cur.model.key, cur.digest, model, cur.image)
@@ -64,7 +65,7 @@ with right:
         badge(f"{fam.message} (familiarity: percentile {fam.percentile:.0f} of the Flickr8k dev photos)")
 
     if cur.flickr_name:
-        refs = sv.flickr_references(cur.flickr_name)
+        refs = photos.flickr_references(cur.flickr_name)
         if refs:
             st.markdown("**Reference captions** (Flickr8k)")
             st.markdown("\n".join(f"{i + 1}. {html.escape(r)}" for i, r in enumerate(refs)))
@@ -91,8 +92,8 @@ score_help = (f"log-probability / length^{cur.length_penalty:g} + {cur.rerank:g}
               f"{cur.model.rerank_candidates(cur.beam)} finished captions"
               if cur.rerank else f"log-probability / length^{cur.length_penalty:g}, what beam search ranks by")
 # Full width, below the photo and the caption: the whole caption and its scores stay in view.
-st.dataframe([{"#": i + 1, "caption": c["text"], "log-prob": c["logprob"], "score": c["score"],
-               "ended": "yes" if c["finished"] else "no (max length)"} for i, c in enumerate(out.captions)],
+st.dataframe([{"#": i + 1, "caption": c.text, "log-prob": c.logprob, "score": c.score,
+               "ended": "yes" if c.finished else "no (max length)"} for i, c in enumerate(out.captions)],
              hide_index=True, width="stretch",
              column_config={"#": st.column_config.NumberColumn("#", width=30),
                             "caption": st.column_config.TextColumn("caption", width="large"),
@@ -108,12 +109,12 @@ if not words:
 
 st.subheader("Where did each word come from?")
 try:
-    methods = sv.explanation_methods(model)
-except sv.NotAvailable:
+    methods = explanations.explanation_methods(model)
+except NotAvailable:
     methods = []
 try:
     probs = ui.word_probs(cur.model.key, cur.digest, tuple(out.tokens), model, cur.full)
-except (sv.NotAvailable, ValueError):
+except (NotAvailable, ValueError):
     probs = None
 c1, c2 = st.columns([3, 1])
 with c1:
@@ -121,31 +122,31 @@ with c1:
                        label="Click a word (with its probability)")
 choices = methods or ["grad_cam"]
 method = c2.selectbox("Attribution method", choices, index=choices.index("grad_cam") if "grad_cam" in choices else 0,
-                      format_func=lambda m: sv.METHOD_TITLES.get(m, m), key="caption_method",
+                      format_func=lambda m: explanations.METHOD_TITLES.get(m, m), key="caption_method",
                       help="Grad-CAM is instant; the others take one to a few seconds per word on a CPU")
 
 cols = st.columns(3)
 cols[0].image(cur.image, caption="photo", width="stretch")
-att = sv.attention_overlay(cur.image, out.attention, t)
+att = figures.attention_overlay(cur.image, out.attention, t)
 if att is not None:
     cols[1].image(att, caption=f"decoder attention for “{words[t]}” (its weights, not an explanation)",
                   width="stretch", clamp=True)
 else:
     cols[1].info(f"{cur.model.title} has no attention: only the attribution map is shown.")
-name = sv.METHOD_TITLES.get(method, method)
+name = explanations.METHOD_TITLES.get(method, method)
 m = None
 try:
     with st.spinner(f"{name} for “{words[t]}”..."):
         if method == "grad_cam":
             m = ui.grad_cam_all(cur.model.key, cur.digest, tuple(out.tokens), model, cur.full)[t]
         else:
-            m = ui.attribution(cur.model.key, cur.digest, tuple(out.tokens), t, method, model, cur.full)[0]
-    cols[2].image(sv.map_overlay(cur.image, m, method), caption=f"{name} for “{words[t]}”", width="stretch",
+            m = ui.attribution(cur.model.key, cur.digest, tuple(out.tokens), t, method, model, cur.full)
+    cols[2].image(figures.map_overlay(cur.image, m, method), caption=f"{name} for “{words[t]}”", width="stretch",
                   clamp=True)
-except (sv.NotAvailable, ValueError) as e:
+except (NotAvailable, ValueError) as e:
     cols[2].info(str(e))
-st.markdown(sv.colour_scale_html(f"{name}: {sv.map_normalisation(method)}"
-                                 + ("; attention: " + sv.map_normalisation("attention") if att is not None else "")),
+st.markdown(figures.colour_scale_html(f"{name}: {figures.map_normalisation(method)}"
+                                 + ("; attention: " + figures.map_normalisation("attention") if att is not None else "")),
             unsafe_allow_html=True)
 
 # Trust beside the map: the deletion/insertion check, on demand (a few seconds) and cached.
@@ -154,17 +155,17 @@ if m is not None:
     done = st.session_state.setdefault("faith_done", set())
     with cols[2]:
         # One button per photo, caption, word and method: its click belongs to that map only.
-        bkey = "faith_check-" + sv.digest(repr(fkey).encode())[:12]
+        bkey = "faith_check-" + photos.digest(repr(fkey).encode())[:12]
         if fkey not in done and st.button("Check this map's faithfulness", key=bkey, icon=":material/fact_check:",
                                           help=f"Delete and reveal the map's pixels in its order, against "
-                                               f"{sv.RANDOM_SEEDS} random orders (a few seconds)"):
+                                               f"{explanations.RANDOM_SEEDS} random orders (a few seconds)"):
             done.add(fkey)
         if fkey in done:
             try:
                 with st.spinner("Deleting and inserting pixels..."):
                     r = ui.faithfulness(cur.model.key, cur.digest, tuple(out.tokens), t, (method,), model, cur.full,
                                         {method: m})[0]
-            except sv.NotAvailable as e:
+            except NotAvailable as e:
                 st.info(str(e))
             else:
                 colour = {"faithful": "green", "inside the random band": "orange", "worse than random": "red"}
@@ -173,9 +174,9 @@ if m is not None:
                 st.caption(f"Deletion area {r.deletion_auc:.3f} (random {r.random_deletion_band[0]:.3f}–"
                            f"{r.random_deletion_band[1]:.3f}), insertion {r.insertion_auc:.3f} (random "
                            f"{r.random_insertion_band[0]:.3f}–{r.random_insertion_band[1]:.3f}: mean ± 1 SD of "
-                           f"{r.seeds} random orders). " + sv.FAITHFUL_IS_NOT_CORRECT)
+                           f"{r.seeds} random orders). " + explanations.FAITHFUL_IS_NOT_CORRECT)
 
 g = model.grid_side
-note = f"{sv.ATTENTION_NOTE} Its grid is {g}×{g}. " if att is not None else ""
+note = f"{explanations.ATTENTION_NOTE} Its grid is {g}×{g}. " if att is not None else ""
 st.caption(f"{note}The attribution map explains the word's log-probability given the photo and the words before it. "
            "More methods, the random-order band and the model-randomisation check are on the Explain page.")

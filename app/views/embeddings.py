@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import services as sv
+from app.services import NotAvailable
+from app.services import embeddings, figures
 from app import ui
 
 cur = ui.current()
@@ -18,7 +19,7 @@ if model is None:
 
 try:
     names, default = ui.spaces(cur.model.key, cur.model.path, model)
-except sv.NotAvailable as e:
+except NotAvailable as e:
     st.info(str(e))
     st.stop()
 
@@ -33,12 +34,12 @@ c1, c2, c3 = st.columns([2, 2, 2])
 space = c1.selectbox("Embedding space", names, index=names.index(default), key="emb_space",
                      format_func=lambda n: n + (" (default: best measured)" if n == default else ""))
 methods = ["tsne", "pca", "umap"]
-method = c2.radio("Projection", methods, format_func=lambda m: sv.PROJECTION_NAMES[m], horizontal=True,
+method = c2.radio("Projection", methods, format_func=lambda m: figures.PROJECTION_NAMES[m], horizontal=True,
                   key="emb_method")
 colour_by = c3.radio("Colour by", ["category", "cluster", "none"], horizontal=True, key="emb_colour",
                      help="category: the project's word lists (colours, animals, clothing, ...); "
                           "cluster: k-means (12 clusters) on this space's unit vectors")
-st.caption(f"**{space}**: {sv.space_about(space)}.")
+st.caption(f"**{space}**: {embeddings.space_about(space)}.")
 
 c4, c5, c6 = st.columns([2, 2, 2])
 query = c4.text_input("Search a word", key="emb_query", placeholder="e.g. dog")
@@ -48,24 +49,23 @@ k = c6.slider("Neighbours", 5, 30, 10, key="emb_k")
 
 try:
     with st.spinner("Projecting the vocabulary (t-SNE and UMAP take up to a minute the first time)..."):
-        projs = ui.projections(cur.model.key, cur.model.path, space, method == "umap", model)
-except sv.NotAvailable as e:
+        proj = ui.projection(cur.model.key, cur.model.path, space, method == "umap", model)
+except NotAvailable as e:
     st.info(str(e))
     st.stop()
 except ValueError as e:  # e.g. word2vec files made for another vocabulary
     st.warning(str(e))
     st.stop()
-if method not in projs:
-    st.info(f"{sv.PROJECTION_NAMES[method]} is not available here (install umap-learn); showing t-SNE.")
+if proj.coords(method) is None:
+    st.info(f"{figures.PROJECTION_NAMES[method]} is not available here (install umap-learn); showing t-SNE.")
     method = "tsne"
-proj = projs[method]
 
 focus = None
 q = query.strip().lower()
 if q:
     try:
         matches = ui.word_search(cur.model.key, q, model, space, cur.model.path)
-    except sv.NotAvailable as e:
+    except NotAvailable as e:
         matches = [q] if q in proj.words else []
         st.info(str(e))
     if not matches:
@@ -84,7 +84,7 @@ target = focus or (caption_words[0] if caption_words else None)
 def neighbours_of(word: str, sp: str):
     try:
         return ui.neighbours(cur.model.key, word, k, model, sp, cur.model.path), None
-    except sv.NotAvailable as e:
+    except NotAvailable as e:
         return [], str(e)
     except KeyError as e:
         return [], str(e).strip("'\"")
@@ -96,10 +96,11 @@ nn, nn_error = neighbours_of(target, space) if target else ([], None)
 
 colour = None
 if colour_by == "category":
-    colour = sv.word_categories()
+    colour = embeddings.word_categories()
 elif colour_by == "cluster":
     colour = {w: f"cluster {c + 1}" for w, c in ui.clusters(cur.model.key, cur.model.path, space, model).items()}
-fig = sv.embedding_figure(proj, caption_words, focus, [w for w, _ in nn] if focus else (), colour=colour, top_n=top_n)
+fig = figures.embedding_figure(proj, method, caption_words, focus, [w for w, _ in nn] if focus else (), colour=colour,
+                              top_n=top_n)
 event = st.plotly_chart(fig, key=f"emb-{space}-{method}-{focus}-{k}-{colour_by}-{top_n}", on_select="rerun",
                         selection_mode="points")
 points = (getattr(event, "selection", None) or {}).get("points", []) if event else []
@@ -107,7 +108,7 @@ picked = next((p.get("customdata") for p in points if isinstance(p.get("customda
 if picked and picked != st.session_state.get("emb_clicked"):
     st.session_state["emb_clicked"] = picked
     st.rerun()
-st.caption(f"{len(proj.words)} words. {proj.note}. Hover a point to see its word, click it to see its neighbours; "
+st.caption(f"{len(proj.words)} words. {embeddings.projection_note(proj, method)}. Hover a point to see its word, click it to see its neighbours; "
            "t-SNE and UMAP keep neighbourhoods, not distances between clusters.")
 
 if target:
@@ -115,7 +116,7 @@ if target:
     if nn_error:
         st.info(nn_error)
     else:
-        cats = sv.word_categories()
+        cats = embeddings.word_categories()
         st.dataframe([{"rank": i + 1, "word": w, "cosine similarity": round(s, 4), "category": cats.get(w, "")}
                       for i, (w, s) in enumerate(nn)], hide_index=True, width="stretch")
     if len(names) > 1:
@@ -129,7 +130,7 @@ if target:
             else:
                 col.markdown("\n".join(f"{i + 1}. {w} ({s:.2f})" for i, (w, s) in enumerate(got[:10])))
 
-rows = sv.embedding_quality(cur.model.path)
+rows = embeddings.embedding_quality(cur.model.path)
 with st.expander("How well each space's neighbourhoods measure", expanded=not rows):
     if rows:
         st.dataframe(rows, hide_index=True, width="stretch")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import services as sv
+from app.services import NotAvailable
+from app.services import figures
 from app import ui
 
 cur = ui.current()
@@ -30,14 +31,14 @@ st.divider()
 st.subheader("Top channels of a layer")
 try:
     layers = ui.layers(cur.model.key, model)
-except sv.NotAvailable as e:
+except NotAvailable as e:
     st.info(str(e))
     st.stop()
-names = [l["name"] for l in layers]
-info = {l["name"]: l for l in layers}
+names = [l.name for l in layers]
+info = {l.name: l for l in layers}
 c1, c2 = st.columns([3, 1])
 layer = c1.selectbox("Layer", names, index=len(names) - 1, key="enc_layer",
-                     format_func=lambda n: f"{n}  ({info[n]['channels']} ch, {info[n]['height']}×{info[n]['width']})")
+                     format_func=lambda n: f"{n}  ({info[n].channels} ch, {info[n].height}×{info[n].width})")
 k = c2.slider("Channels", 4, 16, 8, 4, key="enc_k")
 with st.spinner("Running the encoder..."):
     chans = ui.channel_maps(cur.model.key, cur.digest, layer, k, model, cur.full)
@@ -45,7 +46,7 @@ cols = st.columns(4)
 for i, ch in enumerate(chans):
     cols[i % 4].image(ch["overlay"], caption=f"channel {ch['channel']} · mean {ch['mean']:.2f}", width="stretch",
                       clamp=True)
-st.markdown(sv.colour_scale_html("activation, each channel on its own: negative values set to 0, divided by the "
+st.markdown(figures.colour_scale_html("activation, each channel on its own: negative values set to 0, divided by the "
                                  "channel's 99.5th percentile and clipped to 1 (the same colour map as every map in "
                                  "the app)"), unsafe_allow_html=True)
 
@@ -63,10 +64,10 @@ fv_key = (cur.model.key, layer, int(channel), int(steps))
 if go:
     try:
         with st.spinner(f"Optimising an image for {layer} channel {channel}..."):
-            img, meta = ui.feature_vis(cur.model.encoder, layer, int(channel), int(steps), cur.model.key, model)
+            ui.feature_vis(cur.model.encoder, layer, int(channel), int(steps), cur.model.key, model)
         st.session_state.setdefault("fv_done", {})[fv_key] = True
-    except sv.NotAvailable as e:
+    except NotAvailable as e:
         st.info(str(e))
 if st.session_state.get("fv_done", {}).get(fv_key):
-    img, meta = ui.feature_vis(cur.model.encoder, layer, int(channel), int(steps), cur.model.key, model)
-    st.image(img, caption=f"{layer}, channel {channel} ({meta['source']}, {meta['seconds']:.1f} s)", width=256)
+    fv = ui.feature_vis(cur.model.encoder, layer, int(channel), int(steps), cur.model.key, model)
+    st.image(fv.image, caption=f"{layer}, channel {channel} ({fv.source}, {fv.seconds:.1f} s)", width=256)

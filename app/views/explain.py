@@ -1,12 +1,13 @@
 """Explain page: a per-word overlay gallery for one method, every method side by side for one
 word with a deletion/insertion check against a random order, and the beam-search tree. The
 decoder's attention and SmoothGrad are offered beside the attribution methods for comparison,
-but labelled as what they are, with their measured scores (``sv.NOT_EXPLANATIONS``)."""
+but labelled as what they are, with their measured scores (``explanations.NOT_EXPLANATIONS``)."""
 from __future__ import annotations
 
 import streamlit as st
 
-from app import services as sv
+from app.services import NotAvailable
+from app.services import explanations, figures
 from app import ui
 
 cur = ui.current()
@@ -22,20 +23,20 @@ if not words:
     st.info("The caption is empty: there is no word to explain.")
     st.stop()
 try:
-    methods = sv.methods_for(model)
-except sv.NotAvailable as e:
+    methods = explanations.methods_for(model)
+except NotAvailable as e:
     st.info(str(e))
     st.stop()
 tokens = tuple(out.tokens)
 key = f"{cur.model.key}-{cur.digest}-{'-'.join(map(str, tokens))}"
-title = sv.METHOD_TITLES.get
+title = explanations.METHOD_TITLES.get
 
 
 def word_map(method: str, t: int):
     """(S, S) map of word t for a method (cached per image, caption and word)."""
     if method == "grad_cam":
         return ui.grad_cam_all(cur.model.key, cur.digest, tokens, model, cur.full)[t]
-    return ui.attribution(cur.model.key, cur.digest, tokens, t, method, model, cur.full)[0]
+    return ui.attribution(cur.model.key, cur.digest, tokens, t, method, model, cur.full)
 
 
 SECTIONS = ["Word gallery", "Methods side by side", "Beam-search tree"]
@@ -52,19 +53,19 @@ if section == SECTIONS[0]:
         for t, w in enumerate(words):
             try:
                 m = word_map(method, t)
-            except (sv.NotAvailable, ValueError) as e:
+            except (NotAvailable, ValueError) as e:
                 st.info(str(e))
                 break
-            cols[t % ncol].image(sv.map_overlay(cur.image, m, method), caption=f"{t + 1}. {w}", width="stretch",
+            cols[t % ncol].image(figures.map_overlay(cur.image, m, method), caption=f"{t + 1}. {w}", width="stretch",
                                  clamp=True)
-    st.markdown(sv.colour_scale_html(f"each map on its own: {sv.map_normalisation(method)}"), unsafe_allow_html=True)
-    if method in sv.NOT_EXPLANATIONS:
-        st.caption(sv.NOT_EXPLANATIONS[method])
+    st.markdown(figures.colour_scale_html(f"each map on its own: {figures.map_normalisation(method)}"), unsafe_allow_html=True)
+    if method in explanations.NOT_EXPLANATIONS:
+        st.caption(explanations.NOT_EXPLANATIONS[method])
 
 elif section == SECTIONS[1]:
     try:
         probs = ui.word_probs(cur.model.key, cur.digest, tokens, model, cur.full)
-    except (sv.NotAvailable, ValueError):
+    except (NotAvailable, ValueError):
         probs = None
     t = ui.word_picker(words, probs, key=f"cmp-word-{key}", label="Word (with its probability)")
     default = [m for m in ("grad_cam", "integrated_gradients") if m in methods]
@@ -76,26 +77,26 @@ elif section == SECTIONS[1]:
             for i, m in enumerate(chosen):
                 try:
                     maps[m] = word_map(m, t)
-                except (sv.NotAvailable, ValueError) as e:
+                except (NotAvailable, ValueError) as e:
                     cols[i % len(cols)].info(f"{title(m, m)}: {e}")
                     continue
-                cols[i % len(cols)].image(sv.map_overlay(cur.image, maps[m], m), caption=title(m, m),
+                cols[i % len(cols)].image(figures.map_overlay(cur.image, maps[m], m), caption=title(m, m),
                                           width="stretch", clamp=True)
         if maps:
-            st.markdown(sv.colour_scale_html("; ".join(f"{title(m, m)}: {sv.map_normalisation(m)}" for m in maps)),
+            st.markdown(figures.colour_scale_html("; ".join(f"{title(m, m)}: {figures.map_normalisation(m)}" for m in maps)),
                         unsafe_allow_html=True)
     st.markdown("#### Deletion / insertion against random orders")
     st.caption("Blocks of pixels are removed (deletion) or revealed (insertion) in the order a map ranks them, and the "
                "word's probability is tracked (Petsiuk et al. 2018). A faithful map has a lower deletion area and a "
-               f"higher insertion area than {sv.RANDOM_SEEDS} seeded random orders of the same blocks, outside their "
+               f"higher insertion area than {explanations.RANDOM_SEEDS} seeded random orders of the same blocks, outside their "
                "band (grey: mean ± 1 standard deviation); inside it, it is not evidence either way. "
-               + sv.FAITHFUL_IS_NOT_CORRECT)
+               + explanations.FAITHFUL_IS_NOT_CORRECT)
     run = st.toggle("Run the check", value=True, key="run_faith")
     if run and maps:
         try:
             with st.spinner("Deleting and inserting pixels..."):
                 res = ui.faithfulness(cur.model.key, cur.digest, tokens, t, tuple(maps), model, cur.full, maps)
-        except sv.NotAvailable as e:
+        except NotAvailable as e:
             st.info(str(e))
         else:
             rows = [{"method": title(r.method, r.method), "deletion AUC ↓": round(r.deletion_auc, 4),
@@ -112,34 +113,35 @@ elif section == SECTIONS[1]:
                            "suspicion for this word (outside the random band on the wrong side, or inside it).")
             else:
                 st.success(f"Every map beats the random order for “{words[t]}”.")
-            st.plotly_chart(sv.faithfulness_figure(res), key=f"faith-{key}-{t}")
+            st.plotly_chart(figures.faithfulness_figure(res, explanations.METHOD_TITLES), key=f"faith-{key}-{t}")
     st.markdown("#### Model-randomisation check")
     st.caption("The decoder's weights are re-initialised (in a copy) and each map recomputed (Adebayo et al. 2018). A "
                "map that barely changes does not depend on what the model learned: it passes when the rank "
-               f"correlation of the two maps is below {sv.RANDOMISATION_MAX_RHO:g}.")
+               f"correlation of the two maps is below {explanations.RANDOMISATION_MAX_RHO:g}.")
     if maps and st.button("Run the randomisation check", key="run_random", icon=":material/shuffle:"):
         st.session_state.setdefault("random_done", set()).add((key, t, tuple(maps)))
     if maps and (key, t, tuple(maps)) in st.session_state.get("random_done", set()):
         try:
             with st.spinner("Recomputing the maps with a randomised decoder..."):
                 checks = [ui.randomisation(cur.model.key, cur.digest, tokens, t, m, model, cur.full) for m in maps]
-        except (sv.NotAvailable, ValueError) as e:
+        except (NotAvailable, ValueError) as e:
             st.info(str(e))
         else:
-            st.dataframe([{"method": title(c["method"], c["method"]), "Spearman with randomised decoder ↓":
-                           round(c["spearman"], 3), "passes": "yes" if c["passes"] else "NO"} for c in checks],
+            st.dataframe([{"method": title(c.method, c.method), "Spearman with randomised decoder ↓":
+                           round(c.spearman, 3), "passes": "yes" if explanations.passes_randomisation(c) else "NO"}
+                          for c in checks],
                          hide_index=True, width="stretch", key=f"random-table-{key}-{t}")
     for m in maps:
-        if m in sv.NOT_EXPLANATIONS:
-            st.caption(sv.NOT_EXPLANATIONS[m])
+        if m in explanations.NOT_EXPLANATIONS:
+            st.caption(explanations.NOT_EXPLANATIONS[m])
 
 else:
     if out.lattice is None:
         st.info("No beam lattice: decoding kept none.")
     else:
         try:
-            fig = sv.beam_tree_figure(out.lattice, model.vocab, out.tokens, out.best["finished"])
-        except sv.NotAvailable as e:
+            fig = figures.beam_tree_figure(out.lattice, model.vocab, out.tokens, out.best.finished)
+        except NotAvailable as e:
             st.info(str(e))
         else:
             st.plotly_chart(fig, key=f"tree-{key}")

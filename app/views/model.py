@@ -7,13 +7,13 @@ import time
 
 import streamlit as st
 
-from app import services as sv
+from app.services import captions, figures, photos, registry
 from app import ui
 
 cur = ui.current()
 st.title("Model")
 if not cur.models:
-    st.warning(sv.no_models_message())
+    st.warning(registry.no_models_message())
     st.stop()
 m = cur.model
 st.subheader(m.title)
@@ -24,22 +24,22 @@ tab_card, tab_metrics, tab_curves, tab_compare = st.tabs(["Model card", "Test me
                                                            "Compare decoders"])
 
 with tab_card:
-    card = sv.model_card(m.path)
+    card = registry.model_card(m.path)
     if card:
         st.markdown(card)
     else:
         st.info(f"No MODEL_CARD.md in {m.path}.")
-    cfg = sv.model_config(m.path)
+    cfg = registry.model_config(m.path)
     if cfg:
         with st.expander("config.json"):
             st.json(cfg, expanded=False)
 
 with tab_metrics:
-    ours = {x.name: sv.test_metrics(x.path) for x in cur.models}
+    ours = {x.name: registry.test_metrics(x.path) for x in cur.models}
     if not any(ours.values()):
         st.info("No metrics.json in any model folder yet: only the published numbers are shown.")
-    rows = sv.metrics_table(ours)
-    shown = [{k: ("—" if r.get(k) is None else f"{r[k]:.3f}") if k in sv.METRIC_KEYS else r[k] for k in r}
+    rows = registry.metrics_table(ours)
+    shown = [{k: ("—" if r.get(k) is None else f"{r[k]:.3f}") if k in registry.METRIC_KEYS else r[k] for k in r}
              for r in rows]
     st.dataframe(shown, hide_index=True, width="stretch",
                  column_config={"source": st.column_config.TextColumn("source", width="large")})
@@ -48,12 +48,12 @@ with tab_metrics:
                "reported.")
 
 with tab_curves:
-    rows = sv.training_curves(m.path)
+    rows = registry.training_curves(m.path)
     if not rows:
         st.info(f"No metrics.csv (training curve) in {m.path}.")
     else:
-        st.plotly_chart(sv.curves_figure(rows), key=f"curves-{m.key}")
-        st.dataframe(sv.curve_table(rows), hide_index=True, width="stretch")
+        st.plotly_chart(figures.curves_figure(rows), key=f"curves-{m.key}")
+        st.dataframe(registry.curve_table(rows), hide_index=True, width="stretch")
 
 with tab_compare:
     if not ui.require_image(cur):
@@ -63,7 +63,7 @@ with tab_compare:
         cols = st.columns(max(1, min(len(usable), 3)))
         for i, x in enumerate(usable):
             with cols[i % len(cols)]:
-                st.markdown(f"**{sv.DECODER_TITLES.get(x.decoder, x.name)}**  \n`{x.name}`")
+                st.markdown(f"**{registry.DECODER_TITLES.get(x.decoder, x.name)}**  \n`{x.name}`")
                 cap = ui.load_model(x)
                 if cap is None:
                     continue
@@ -75,12 +75,12 @@ with tab_compare:
                 took = "cached" if time.perf_counter() - t0 < 0.5 * out.seconds else f"{out.seconds * 1000:.0f} ms"
                 st.markdown(f'<p class="compare-caption" style="font-size:1.3rem;font-weight:600">'
                             f"{html.escape(out.text)}</p>", unsafe_allow_html=True)
-                st.caption(f"log-probability {out.best['logprob']:.2f} · {took}")
+                st.caption(f"log-probability {out.best.logprob:.2f} · {took}")
                 if out.attention is not None:
-                    w0 = sv.first_content_word(out.words)
-                    st.image(sv.attention_overlay(cur.image, out.attention, w0), clamp=True, width="stretch",
+                    w0 = captions.first_content_word(out.words)
+                    st.image(figures.attention_overlay(cur.image, out.attention, w0), clamp=True, width="stretch",
                              caption=f"attention for “{out.words[w0]}”" if out.words else "attention")
         if cur.flickr_name:
-            refs = sv.flickr_references(cur.flickr_name)
+            refs = photos.flickr_references(cur.flickr_name)
             if refs:
                 st.markdown("**References:** " + " · ".join(html.escape(r) for r in refs))
