@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--captions", default=None, help="a captions_<split>.json that evaluate wrote")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_baseline)
+
+    from .lab.tagging import add_commands as add_tagger_commands  # tag, train-tagger, ship-tagger, evaluate-tagger
+
+    add_tagger_commands(sub)
     return ap
 
 
