@@ -11,7 +11,7 @@ Three networks over the same label space (concepts mined from the Flickr8k train
 * ``text``: a caption's words -> a Bi-LSTM, max-pooled over time -> concepts (the seed's text network).
 * ``joint``: the pooled image features and the caption's Bi-LSTM state together.
 
-A tagger bundle is a folder: ``config.json`` (format ``captioning-tagger``; per network its
+A tagger bundle is a folder: ``tagger.json`` (format ``captioning-tagger``; per network its
 dataclass config, weights file and per-concept thresholds tuned on dev), ``concepts.json`` (each
 concept, its training frequency and the word forms that name it), ``vocab.json`` (the text
 networks' words) and one fp16 safetensors file per network. Loading parses JSON and safetensors
@@ -44,7 +44,9 @@ from .vocab import Vocab, tokenize
 
 FORMAT = "captioning-tagger"
 VERSION = 1
-CONFIG, CONCEPTS, VOCAB = "config.json", "concepts.json", "vocab.json"
+# Not config.json: the folder sits beside the caption bundles in assets/models, and the app and
+# the bundle checks list every folder with a config.json as a caption model.
+CONFIG, CONCEPTS, VOCAB = "tagger.json", "concepts.json", "vocab.json"
 DEFAULT_TAGGER = MODELS_DIR / "tagger"
 KINDS = ("image", "text", "joint")
 MAX_DIM = 1 << 16

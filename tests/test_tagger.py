@@ -184,9 +184,9 @@ def test_bundle_round_trip_and_damaged_files(tmp_path):
     r = t.tag_features(grid, maps=True, captions=["c1 and c2", None], threshold=0.0)
     assert len(r[0].tags) == 5 and r[0].maps.shape == (5, 7, 7)
     assert set(r[0].missing) == {"c0", "c3", "c4"} and r[1].missing == []
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = json.loads((folder / "tagger.json").read_text())
     cfg["networks"]["image"]["thresholds"] = [0.5] * 4
-    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "tagger.json").write_text(json.dumps(cfg))
     with pytest.raises(BundleError, match="thresholds"):
         Tagger.from_pretrained(folder, encoder=False)
     (folder / "image.safetensors").write_bytes(b"\x00" * 4)
@@ -213,7 +213,7 @@ def test_tag_command_reports_a_bad_image_and_tags_the_others(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not (FLICKR8K / "Images").is_dir(), reason="Flickr8k not found at ../shared/data/flickr8k")
-@pytest.mark.skipif(not (DEFAULT_TAGGER / "config.json").is_file(), reason="no shipped tagger in assets/models/tagger")
+@pytest.mark.skipif(not (DEFAULT_TAGGER / "tagger.json").is_file(), reason="no shipped tagger in assets/models/tagger")  # noqa: E501
 def test_shipped_tagger_tags_a_flickr8k_dog_photo():
     # test split; its five captions all name a dog
     photo = FLICKR8K / "Images" / "3385593926_d3e9c21170.jpg"
@@ -222,3 +222,12 @@ def test_shipped_tagger_tags_a_flickr8k_dog_photo():
     assert "dog" in r.concepts
     k = t.concepts.index["dog"]
     assert r.probabilities[k] > 0.9 and r.maps.shape[1:] == (7, 7)
+
+
+def test_shipped_models_with_the_tagger_fit_the_weight_budget():
+    """All weights under assets/models, the tagger's included, stay within 60 MB (issue 3's budget);
+    the tagger folder has no config.json, so nothing takes it for a caption model."""
+    models = REPO / "assets" / "models"
+    total = sum(p.stat().st_size for p in models.rglob("*.safetensors"))
+    assert total <= 60e6, f"shipped weights {total / 1e6:.2f} MB"
+    assert not (DEFAULT_TAGGER / "config.json").exists()

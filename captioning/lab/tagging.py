@@ -167,12 +167,13 @@ class TagTrainConfig:
     grad_clip: float = 5.0
     weight_decay: float = 0.0
     dropout: float = 0.3
-    hidden_dim: int = 512  # image network's region MLP; text/joint: the LSTM's size is embed_dim
-    embed_dim: int = 256
+    hidden_dim: int = 256  # the image network's region MLP
+    embed_dim: int = 64  # text and joint networks: word embeddings, and the LSTM's size per direction
+    joint_image_dim: int = 128  # the joint network's projection of the pooled image features
     pos_weight_power: float = 0.5
     pos_weight_cap: float = 30.0
     flip_prob: float = 0.5  # image networks: share of photos read with the feature grid mirrored
-    min_count: int = 3  # text networks' vocabulary
+    min_count: int = 5  # text networks' vocabulary
     max_tokens: int = 32
     seed: int = 0
 
@@ -189,7 +190,7 @@ def network_config(cfg: TagTrainConfig, n_concepts: int, feature_dim: int, vocab
         return dict(n_concepts=n_concepts, vocab_size=vocab_size, embed_dim=cfg.embed_dim, hidden_dim=cfg.embed_dim,
                     dropout=cfg.dropout)
     return dict(n_concepts=n_concepts, vocab_size=vocab_size, feature_dim=feature_dim, embed_dim=cfg.embed_dim,
-                hidden_dim=cfg.embed_dim, image_dim=cfg.hidden_dim, dropout=cfg.dropout)
+                hidden_dim=cfg.embed_dim, image_dim=cfg.joint_image_dim, dropout=cfg.dropout)
 
 
 def encode_texts(vocab: Vocab, texts: list[str], max_tokens: int) -> np.ndarray:
@@ -298,6 +299,8 @@ def prepare(data: Optional[str], features: str | Path, cfg: TagTrainConfig, out:
         vocab = Vocab.build([c for im in ds.split("train") for c in ds.captions[im]], cfg.min_count)
         _atomic_text(vfile, json.dumps(vocab.itos))
     cache = FeatureCache.open(find_cache(features, cfg.encoder, Preprocessing(), sorted(ds.captions)))
+    if model_captions is None and "dev" not in read_model_captions(out) and "dev" in ds.splits:
+        caption_split(out, "dev", cache, ds.split("dev"))
     return TagData(ds, cache, space, vocab, cfg, model_captions or read_model_captions(out))
 
 
@@ -311,6 +314,25 @@ def read_model_captions(out: Path) -> dict[str, dict[str, str]]:
                 res[split] = {r["image"]: r["caption"] for r in json.loads(p.read_text())}
                 break
     return res
+
+
+def caption_split(out: Path, split: str, cache: FeatureCache, names: list[str], model: str | Path = DEFAULT_MODEL,
+                  batch: int = 100) -> Path:
+    """The default captioner's captions of a split, from the feature cache, into OUT/captions_SPLIT.json
+    (the text and joint networks read them on dev, as they read the shipped test captions on test)."""
+    from ..api import Captioner
+
+    cap = Captioner.from_pretrained(model)
+    index = cache.index()
+    res = []
+    for i in range(0, len(names), batch):
+        rows = np.asarray([index[n] for n in names[i:i + batch]])
+        g, p = cache.batch(rows)
+        for n, r in zip(names[i:i + batch], cap.caption_features(g, p)):
+            res.append({"image": n, "caption": r.text})
+    path = out / f"captions_{split}.json"
+    _atomic_text(path, json.dumps(res, indent=1))
+    return path
 
 
 def _atomic_text(path: Path, text: str) -> None:
