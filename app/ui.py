@@ -239,6 +239,7 @@ class Current:
     length_penalty: float = 0.0
     nbest: int = 3
     rerank: float = 0.0  # matcher weight for re-ranking the beams (0: plain beam search)
+    guide: Optional[bool] = None  # guided decoding on/off (None: the model's default)
 
     def get_captioner(self):
         """The selected model's Captioner, or None after showing why it cannot be loaded."""
@@ -312,7 +313,7 @@ def sidebar() -> Current:
                                 "matcher says each caption fits the photo (chosen on the dev split); off: plain beam search")
             rerank = model.rerank if on else 0.0
     cur = Current(model, models, data, None, label, fname, beam=int(beam), length_penalty=float(lp),
-                  nbest=int(min(nbest, beam)), rerank=rerank)
+                  nbest=int(min(nbest, beam)), rerank=rerank, guide=guide_choice(model.key) if model else None)
     if data is not None and err is None:
         cur.digest = photos.digest(data)
         try:
@@ -351,6 +352,31 @@ def require_captioner(cur: Current):
     return cur.get_captioner()
 
 
+#: session_state key of {model key: guidance on?}. Kept apart from the toggle's own state, which
+#: Streamlit drops on pages that do not draw it: the Explain page must explain the caption the
+#: Caption page showed, guided or not.
+GUIDE_CHOICES = "guide_choices"
+
+
+def guide_choice(model_key: str) -> Optional[bool]:
+    """The user's guidance choice for this model, or None (the model's default) before any."""
+    return st.session_state.get(GUIDE_CHOICES, {}).get(model_key)
+
+
+def guide_toggle(cur: Current, model) -> bool:
+    """The guided-decoding toggle, starting at the model's default; sets ``cur.guide``."""
+    choice = guide_choice(cur.model.key)
+    on = st.toggle("Name what the encoder recognises", value=model.default_guide if choice is None else choice,
+                   key=f"guide-{cur.model.key}",
+                   help="Guided decoding: when the encoder's ImageNet head is confident about something the "
+                        "vocabulary can name (a cat, a cup of coffee), beam search must put one of those words in "
+                        "the caption, and words that recognition rules out are penalised. Off: plain beam search. "
+                        "The default is the model's, chosen on dev data.")
+    st.session_state.setdefault(GUIDE_CHOICES, {})[cur.model.key] = on
+    cur.guide = on
+    return on
+
+
 def current_caption(cur: Current, model=None):
     """(Captioner, TimedCaption) for the sidebar's model, photo and settings, or (None, None)."""
     model = model or require_captioner(cur)
@@ -360,7 +386,8 @@ def current_caption(cur: Current, model=None):
 
     t0 = time.perf_counter()
     try:
-        out = caption(cur.model.key, cur.digest, cur.beam, cur.length_penalty, cur.nbest, model, cur.full, cur.rerank)
+        out = caption(cur.model.key, cur.digest, cur.beam, cur.length_penalty, cur.nbest, model, cur.full, cur.rerank,
+                      cur.guide)
     except ImageError as e:
         st.error(str(e))
         return None, None

@@ -43,6 +43,18 @@ def caption(captioner, image: Image.Image, beam_size: int = 3, length_penalty: f
                         seconds=time.perf_counter() - t0)
 
 
+def guided_note(result: CaptionResult) -> str:
+    """One line on whether and how the caption was guided (``CaptionResult.guided``)."""
+    if result.guided is None:
+        return "Not guided: plain beam search, which may not name what the encoder recognised."
+    if not result.guided:
+        return ("Guidance on, but the encoder recognised nothing confidently enough to ask for a word: the caption "
+                "is plain beam search's.")
+    words = " or ".join(f"“{w}”" for w in result.guided)
+    return (f"Guided: the caption had to contain {words}, from what the encoder recognised; words its recognition "
+            "rules out were penalised.")
+
+
 def word_labels(words: Sequence[str]) -> list[str]:
     """Unique, readable labels for a caption's words (the same word can occur twice)."""
     return [f"{w}" if list(words).count(w) == 1 else f"{w} ({i + 1})" for i, w in enumerate(words)]

@@ -6,18 +6,9 @@ import html
 
 import streamlit as st
 
-from app.services import COMPUTE_LOCK, NotAvailable
-from app.services import explanations, figures, photos
+from app.services import NotAvailable
+from app.services import captions, explanations, figures, photos
 from app import ui
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def _recognition(model_key, digest, _model, _image):
-    """(ImageNet top-3 with caption words, FamiliarityScore or None) for one photo and model."""
-    with COMPUTE_LOCK:
-        _, pooled = _model.encode(_model.pixels([_image]))
-    fam = _model.familiarity.score(pooled)[0] if getattr(_model, "familiarity", None) is not None else None
-    return _model.recognise(pooled, k=3)[0], fam
 
 
 INTRO = ("**Describe a photo in one sentence, and see where each word came from.** A frozen ImageNet CNN reads the "
@@ -42,7 +33,11 @@ left, right = st.columns([5, 6], gap="large")
 left.image(cur.image, caption=f"{cur.label} · {cur.note}", width="stretch")
 
 with right:
-    model, out = ui.current_caption(cur)
+    model = ui.require_captioner(cur)
+    if model is None:
+        st.stop()
+    ui.guide_toggle(cur, model)
+    model, out = ui.current_caption(cur, model)
     if out is None:
         st.stop()
     st.markdown(f'<p class="best-caption" style="font-size:2.1rem;line-height:1.25;font-weight:600;margin:0.2rem 0 0.6rem">'
@@ -54,8 +49,9 @@ with right:
     st.caption(f"{cur.model.title} · beam {cur.beam}, length penalty {cur.length_penalty:g}{rerank} · "
                f"log-probability {out.best.logprob:.2f} · {took}")
 
-    # What the encoder's ImageNet head recognises and how familiar the photo is (issue 24).
-    rec, fam = _recognition(cur.model.key, cur.digest, model, cur.image)
+    st.caption(captions.guided_note(out))
+    # What the encoder's ImageNet head recognised and how familiar the photo is (issue 24).
+    rec, fam = (out.recognised or [])[:3], out.familiarity
     if rec:
         st.caption("recognised: " + "; ".join(
             f"{html.escape(r.label)} {r.prob:.2f}" + (f" → {html.escape(r.words[0])}" if r.words else "")

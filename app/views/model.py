@@ -70,7 +70,8 @@ with tab_compare:
                 # Each model re-ranks as its bundle says, unless the sidebar turned re-ranking off.
                 rerank = x.rerank if cur.rerank or not (cur.model and cur.model.rerank) else 0.0
                 t0 = time.perf_counter()
-                out = ui.caption(x.key, cur.digest, cur.beam, cur.length_penalty, 1, cap, cur.full, rerank)
+                out = ui.caption(x.key, cur.digest, cur.beam, cur.length_penalty, 1, cap, cur.full, rerank,
+                                 ui.guide_choice(x.key))
                 # A cache hit returns the first computation's time: say "cached" rather than a stale figure.
                 took = "cached" if time.perf_counter() - t0 < 0.5 * out.seconds else f"{out.seconds * 1000:.0f} ms"
                 st.markdown(f'<p class="compare-caption" style="font-size:1.3rem;font-weight:600">'
