@@ -22,7 +22,7 @@ import torch
 from .bundle import DEFAULT_MODEL, BundleError, check_weights_header, load_bundle, read_json
 from .decoders import Decoder
 from .decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, rerank_candidates, sample_decode
-from .encoders import Encoder, build_encoder, imagenet_classes
+from .encoders import Encoder, build_encoder, imagenet_topk
 from .images import ImageInput, Preprocessing, load_image, preprocess
 from .familiarity import Familiarity, FamiliarityScore, load_familiarity
 from .guidance import GuideSettings, plan as plan_guide, resolve as resolve_guide
@@ -200,10 +200,7 @@ class Captioner:
     @torch.no_grad()
     def classify(self, image: ImageInput, k: int = 5) -> list[tuple[str, float]]:
         """The encoder's own ImageNet top-k (label, probability) for an image."""
-        p = torch.softmax(self.encoder.classify(self.pixels([image])), -1)[0]
-        names = imagenet_classes()
-        top = p.topk(k)
-        return [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
+        return imagenet_topk(self.encoder, self.pixels([image]), k)
 
     @torch.no_grad()
     def caption(self, images: Union[ImageInput, Sequence[ImageInput]], beam_size: int = 3, nbest: int = 1,

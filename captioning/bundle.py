@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .decoders import DECODERS, Decoder, build_decoder, decoder_kind
+from .atomic import recover_swap, swap_folder  # noqa: F401 (recover_swap: its old import path)
 from .images import Preprocessing
 from .paths import MODELS_DIR, REPO_ROOT  # noqa: F401 (REPO_ROOT: callers' old import path)
 from .vocab import Vocab
@@ -224,31 +225,10 @@ def save_bundle(folder: str | Path, decoder: Decoder, vocab: Vocab, encoder: str
             for f in folder.iterdir():
                 if f.name not in (CONFIG, VOCAB, WEIGHTS) and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name) if f.is_file() else shutil.copytree(f, tmp / f.name)
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        swap_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def recover_swap(folder: str | Path) -> bool:
-    """Finish a replacement that a kill interrupted; True if one was repaired.
-
-    save_bundle and train.save_checkpoint replace a folder in two renames: ``folder`` ->
-    ``.NAME.old``, then the new copy -> ``folder``. A process killed between the two leaves no
-    ``folder`` but a complete ``.NAME.old``: put it back. (The half-written new copy, if any,
-    is a hidden temporary folder that nothing reads.)"""
-    folder = Path(folder)
-    old = folder.with_name(f".{folder.name}.old")
-    if not folder.exists() and old.is_dir():
-        os.replace(old, folder)
-        return True
-    return False
 
 
 def read_config(folder: str | Path) -> dict:

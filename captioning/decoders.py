@@ -67,21 +67,29 @@ class Decoder(nn.Module):
                         sample_prob: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Scheduled sampling (Bengio et al. 2015): each input token is, with probability
         ``sample_prob``, replaced by a word sampled from the model's previous prediction."""
-        state, feats = self.start(grid, pooled)
-        tokens = captions[:, 0]  # (B,)
-        out, atts = [], []
-        for t in range(captions.size(1) - 1):
-            if t > 0 and sample_prob > 0:
-                sampled = torch.multinomial(out[-1].detach().exp(), 1).squeeze(1)  # (B,)
-                use = torch.rand(tokens.shape, device=tokens.device) < sample_prob
-                tokens = torch.where(use, sampled, captions[:, t])
-            elif t > 0:
-                tokens = captions[:, t]
-            logp, state, att = self.step(tokens, state, feats)
-            out.append(logp)
-            if att is not None:
-                atts.append(att)
-        return torch.stack(out, 1), (torch.stack(atts, 1) if atts else None)
+        return step_through(self, grid, pooled, captions, sample_prob)
+
+
+def step_through(model, grid, pooled, captions: torch.Tensor, sample_prob: float = 0.0
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Feed ``captions`` (B, T) from <start> through anything with ``start`` and ``step`` (a
+    decoder, an ensemble) one token at a time -> logprobs (B, T-1, V), attention (B, T-1, P) or
+    None. With ``sample_prob`` above 0, scheduled sampling (see ``Decoder.forward_sampled``)."""
+    state, feats = model.start(grid, pooled)
+    tokens = captions[:, 0]  # (B,)
+    out, atts = [], []
+    for t in range(captions.size(1) - 1):
+        if t > 0 and sample_prob > 0:
+            sampled = torch.multinomial(out[-1].detach().exp(), 1).squeeze(1)  # (B,)
+            use = torch.rand(tokens.shape, device=tokens.device) < sample_prob
+            tokens = torch.where(use, sampled, captions[:, t])
+        elif t > 0:
+            tokens = captions[:, t]
+        logp, state, att = model.step(tokens, state, feats)
+        out.append(logp)
+        if att is not None:
+            atts.append(att)
+    return torch.stack(out, 1), (torch.stack(atts, 1) if atts else None)
 
 
 @dataclass

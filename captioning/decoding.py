@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .decoders import Decoder
+from .decoders import Decoder, step_through
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,13 @@ class Ensemble(nn.Module):
         # Attention over grids of different sizes has no common map to average into.
         same_grid = len({a.shape for a in atts}) == 1
         return logp, tuple(states), (torch.stack(atts).mean(0) if atts and same_grid else None)
+
+    def teacher_forced(self, grid, pooled, captions: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Score captions (B, T) from <start> as a decoder does: logprobs (B, T-1, V), attention or None."""
+        return step_through(self, grid, pooled, captions)
+
+    def forward(self, grid, pooled, captions: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.teacher_forced(grid, pooled, captions)
 
 
 def _constrain(logp: torch.Tensor, seqs: torch.Tensor, t: int, ids: SpecialIds, min_len: int,

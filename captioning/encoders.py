@@ -166,3 +166,13 @@ def build_encoder(name: str, trainable: bool = False) -> Encoder:
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet class names, in the order of the encoders' logits."""
     return _IMAGENET_CLASSES.read_text().splitlines()
+
+
+@torch.no_grad()
+def imagenet_topk(encoder: Encoder, pixels: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
+    """The encoder's own ImageNet top-k (label, probability) for the first image of ``pixels``
+    (B, 3, S, S), most likely first."""
+    p = torch.softmax(encoder.classify(pixels), -1)[0]
+    names = imagenet_classes()
+    top = p.topk(k)
+    return [(names[int(i)], float(v)) for v, i in zip(top.values, top.indices)]

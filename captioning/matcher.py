@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,6 +39,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .atomic import atomic_write, atomic_write_json
 
 MATCHER_WEIGHTS, MATCHER_CONFIG = "matcher.safetensors", "matcher.json"
 
@@ -179,14 +179,8 @@ def save_matcher(folder: str | Path, matcher: Matcher, extra: Optional[dict] = N
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in matcher.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".matcher.", suffix=".tmp")
-    os.close(fd)
-    save_file(sd, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, folder / MATCHER_WEIGHTS)
-    cfg_tmp = folder / f".{MATCHER_CONFIG}.tmp"
-    cfg_tmp.write_text(json.dumps({"config": matcher.config.to_dict(), **(extra or {})}, indent=2))
-    os.replace(cfg_tmp, folder / MATCHER_CONFIG)
+    atomic_write(folder / MATCHER_WEIGHTS, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    atomic_write_json(folder / MATCHER_CONFIG, {"config": matcher.config.to_dict(), **(extra or {})})
 
 
 def load_matcher(folder: str | Path) -> Optional[Matcher]:

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from captioning.decoders import Decoder
 from captioning.images import ImageInput, Preprocessing, load_image, preprocess
 
 PixelsLike = Union[ImageInput, torch.Tensor]
@@ -30,27 +29,6 @@ def as_pixels(image: PixelsLike, prep: Preprocessing = Preprocessing()) -> torch
             raise ValueError(f"expected pixels of shape (3, S, S) or (1, 3, S, S), got {tuple(image.shape)}")
         return x
     return preprocess(load_image(image), prep).unsqueeze(0)
-
-
-def teacher_forced(decoder, grid: torch.Tensor, pooled: torch.Tensor, captions: torch.Tensor
-                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Teacher-forced pass for a Decoder or an Ensemble.
-
-    Args:
-        grid: (B, P, C). pooled: (B, C). captions: (B, T) starting with <start>.
-    Returns:
-        logprobs (B, T-1, V) and attention (B, T-1, P) or None.
-    """
-    if isinstance(decoder, Decoder):
-        return decoder(grid, pooled, captions)
-    state, feats = decoder.start(grid, pooled)
-    out, atts = [], []
-    for t in range(captions.size(1) - 1):
-        logp, state, att = decoder.step(captions[:, t], state, feats)
-        out.append(logp)
-        if att is not None:
-            atts.append(att)
-    return torch.stack(out, 1), (torch.stack(atts, 1) if atts else None)
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -55,7 +55,7 @@ from torch import nn
 from captioning.images import Preprocessing
 
 from ._utils import (PixelsLike, as_pixels, contiguous_grad, fmap_to_grid, image_array, inference_encoder,
-                     resize_map, teacher_forced)
+                     resize_map)
 from .encoder import _run_to, layer_info, list_layers
 
 METHODS: tuple[str, ...] = ("integrated_gradients", "smoothgrad", "gradient_shap", "occlusion", "grad_cam",
@@ -149,7 +149,7 @@ class WordLogProb(nn.Module):
         fmap = self.feature(fmap)
         grid, pooled = fmap_to_grid(fmap)
         N = fmap.size(0)
-        logp, _ = teacher_forced(self.decoder, grid, pooled, self.captions.expand(N, -1))  # (N, T, V)
+        logp, _ = self.decoder.teacher_forced(grid, pooled, self.captions.expand(N, -1))  # (N, T, V)
         return logp.gather(2, self.targets.view(1, -1, 1).expand(N, -1, 1)).squeeze(2)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -158,7 +158,7 @@ class WordLogProb(nn.Module):
         fmap = self.feature(contiguous_grad(self.encoder.feature_map(pixels)))
         grid, pooled = fmap_to_grid(fmap)
         N = fmap.size(0)
-        logp, _ = teacher_forced(self.decoder, grid, pooled, self.captions[:, : t + 2].expand(N, -1))  # (N, t+1, V)
+        logp, _ = self.decoder.teacher_forced(grid, pooled, self.captions[:, : t + 2].expand(N, -1))  # (N, t+1, V)
         return logp[:, t, self.targets[t]]
 
 
@@ -426,7 +426,7 @@ def _attention(captioner, scorer: WordLogProb, pixels: torch.Tensor, mode: str) 
     with torch.no_grad():
         fmap = scorer.encoder.feature_map(pixels)  # (1, C, h, w)
         grid, pooled = fmap_to_grid(fmap)
-        _, alphas = teacher_forced(captioner.decoder, grid, pooled, scorer.captions)
+        _, alphas = captioner.decoder.teacher_forced(grid, pooled, scorer.captions)
     h, w = fmap.shape[-2:]
     a = alphas[0, scorer.word_index].view(1, 1, h, w)
     S = pixels.shape[-1]
@@ -501,7 +501,7 @@ def attention_all_words(captioner, image: PixelsLike, caption_tokens: Sequence[i
     with torch.no_grad():
         fmap = scorer.encoder.feature_map(pixels)
         grid, pooled = fmap_to_grid(fmap)
-        logp, alphas = teacher_forced(captioner.decoder, grid, pooled, scorer.captions)  # (1, T', V), (1, T', P)
+        logp, alphas = captioner.decoder.teacher_forced(grid, pooled, scorer.captions)  # (1, T', V), (1, T', P)
     h, w = fmap.shape[-2:]
     S = pixels.shape[-1]
     a = alphas[0, :T].view(T, 1, h, w)

@@ -29,14 +29,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
+from captioning.atomic import atomic_write as _atomic_write
 from captioning.vocab import SPECIALS
 
 PROJECTION_VERSION = 2
@@ -227,7 +226,7 @@ def save_word2vec(folder: Union[str, Path], words: list[str], vectors: np.ndarra
         raise ValueError(f"{len(words)} words but {vectors.shape[0]} vectors")
     _atomic_write(folder / W2V_CONFIG, lambda p: Path(p).write_text(json.dumps(
         {"format": "captioning-word2vec", "version": 1, "config": asdict(cfg), "source": source, "words": words})))
-    _atomic_write(folder / W2V_WEIGHTS, lambda p: save_file({"vectors": np.ascontiguousarray(vectors, np.float16)}, p))
+    _atomic_write(folder / W2V_WEIGHTS, lambda p: save_file({"vectors": np.ascontiguousarray(vectors, np.float16)}, str(p)))
     return folder / W2V_WEIGHTS
 
 
@@ -266,17 +265,6 @@ def write_embeddings_info(folder: Union[str, Path], info: dict[str, Any]) -> Pat
     _atomic_write(path, lambda p: Path(p).write_text(json.dumps(info, indent=2) + "\n"))
     return path
 
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a killed run never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------- projections

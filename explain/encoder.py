@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from captioning.encoders import Encoder, imagenet_classes
+from captioning.atomic import atomic_write
+from captioning.encoders import Encoder, imagenet_topk
 from captioning.images import Preprocessing
 
 from ._utils import PixelsLike, as_pixels
@@ -162,11 +163,7 @@ def imagenet_top5(encoder: Encoder, pixels: PixelsLike, k: int = 5) -> list[tupl
     Returns:
         [(label, probability)] for the top k classes, most likely first.
     """
-    with torch.no_grad():
-        p = torch.softmax(encoder.eval().classify(as_pixels(pixels)), -1)[0]
-    names = imagenet_classes()
-    top = p.topk(k)
-    return [(names[int(i)], float(v)) for v, i in zip(top.values, top.indices)]
+    return imagenet_topk(encoder.eval(), as_pixels(pixels), k)
 
 
 # --------------------------------------------------------------------------- feature visualisation
@@ -280,9 +277,7 @@ def feature_visualisation(encoder: Encoder, layer: str, channel: int, size: int 
         _remember(key, img)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
-            Image.fromarray(img).save(tmp)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
         except OSError:
             pass  # a read-only cache folder only costs recomputation
     return FeatureVis(img, layer, int(channel), objective, time.perf_counter() - t0, "computed")

@@ -522,6 +522,19 @@ def test_mixed_ensemble_averages_and_searches_like_reference():
         assert_same_hyps(got[b], want[b])
 
 
+def test_ensemble_scores_captions_like_a_decoder():
+    """Teacher-forced scoring (explain's attributions use it) is one loop for decoders and
+    ensembles: a one-member ensemble scores exactly as its member."""
+    member = make_decoder("show_attend_tell", seed=15).eval()
+    grid, pooled = feats(3, seed=15)
+    caps = random_captions(3, 7, seed=15)
+    with torch.no_grad():
+        want, want_att = member.forward_sampled(grid, pooled, caps, 0.0)
+        got, got_att = Ensemble([member]).eval().teacher_forced(grid, pooled, caps)
+    assert torch.allclose(got, torch.log_softmax(want, -1), atol=1e-6)
+    assert torch.allclose(got_att, want_att)
+
+
 def test_ensemble_checks_members():
     with pytest.raises(ValueError):
         Ensemble([])

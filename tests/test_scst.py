@@ -38,6 +38,18 @@ def test_cider_d_matches_pycocoevalcap():
     assert ours.score("a", []) == 0.0
 
 
+def test_cider_d_scores_references_outside_its_corpus():
+    """The app scores one photo's caption against that photo's references with the training
+    corpus's document frequencies: the same numbers as when the photo is part of the corpus."""
+    from captioning.metrics import CiderD as CoreCiderD
+
+    assert CoreCiderD is CiderD  # one CIDEr-D in the repository
+    ours = CiderD({k: [r.split() for r in v] for k, v in REFS.items()})
+    for k, refs in REFS.items():
+        for cand in ("a dog runs on the grass", "two kids play in snow", "the the the", ""):
+            assert ours.score_refs(cand.split(), [r.split() for r in refs]) == pytest.approx(ours.score(k, cand.split()))
+
+
 def test_samples_stop_at_end_and_carry_gradients():
     torch.manual_seed(0)
     dec = build_decoder("show_attend_tell", dict(vocab_size=12, feature_dim=8, embed_dim=8, hidden_dim=8,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .data import CaptionDataset
+from ..atomic import atomic_write_text
 from ..encoders import build_encoder
 from ..images import Preprocessing, load_image, preprocess
 
@@ -33,12 +33,6 @@ def cache_key(encoder: str, prep: Preprocessing, images: list[str], flip: bool =
     # The plain view keeps the key it had before mirrored views existed, so old caches stay valid.
     h = hashlib.sha1(json.dumps([encoder, prep.to_dict(), images] + (["hflip"] if flip else [])).encode())
     return h.hexdigest()[:12]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass

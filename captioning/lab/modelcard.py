@@ -6,19 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+from ..atomic import atomic_write_json
 from ..bundle import MODELS_DIR, BundleError, load_bundle, read_config
 from ..decoding import rerank_candidates
 from ..encoders import grid_side
 from ..matcher import MATCHER_CONFIG
-
-PUBLISHED = {
-    "show_attend_tell": "Xu et al. 2015 (Show, Attend and Tell), Flickr8k, Table 1: soft attention BLEU-4 0.195, "
-                        "METEOR 0.189; hard attention BLEU-4 0.213, METEOR 0.203.",
-    "show_tell": "Vinyals et al. 2015 (Show and Tell) report BLEU-1 0.63 on Flickr8k; Xu et al. 2015, Table 1, "
-                 "list Google NIC on Flickr8k as BLEU-1/2/3 0.63/0.41/0.27 (no BLEU-4 given).",
-    "merge": "Tanti et al. 2018 compare inject and merge on Flickr8k/30k/MSCOCO with their own settings; "
-             "their absolute numbers are not comparable one-to-one (different encoder and vocabulary).",
-}
+from .published import card_reference
 
 
 def ship(run: str | Path, name: str, dest_root: str | Path = MODELS_DIR) -> Path:
@@ -69,9 +62,7 @@ def set_decoding(model: str | Path, beam_size: int, length_penalty: float, reran
     cfg["decoding"] = {"beam_size": int(beam_size), "length_penalty": float(length_penalty),
                        **({"rerank": float(rerank)} if rerank else {}),
                        **({"rerank_pool": int(rerank_pool)} if rerank and rerank_pool else {})}
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    tmp.replace(p)
+    atomic_write_json(p, cfg)
 
 
 def _run_name(bundle: str | Path) -> str:
@@ -351,7 +342,7 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
                   "| " + " | ".join(f"{v:.3f}" for v in metrics["metrics"].values()) + " |", ""]
     else:
         lines += ["Not evaluated yet.", ""]
-    lines += [f"Published reference: {PUBLISHED.get(kind, 'n/a')}", ""]
+    lines += [f"Published reference: {card_reference(kind)}", ""]
     lines += use_and_limitations(model.name)
     lines += ["## Reproduce", "", "```bash", command, "```", ""]
     if notes:

@@ -11,77 +11,15 @@ Dimensions: B images, S samples per image, N = B*S sequences, L caption length, 
 """
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..decoding import SpecialIds, _constrain, tree_map
+from ..metrics import CiderD  # noqa: F401 (CIDEr-D lives with the other metrics; its old import path)
 
-Ngram = tuple[str, ...]
 EOS = "</s>"
-
-
-def _ngram_counts(words: Sequence[str], n: int = 4) -> dict[Ngram, int]:
-    counts: dict[Ngram, int] = defaultdict(int)
-    for k in range(1, n + 1):
-        for i in range(len(words) - k + 1):
-            counts[tuple(words[i:i + k])] += 1
-    return counts
-
-
-class CiderD:
-    """CIDEr-D (Vedantam et al. 2015) exactly as pycocoevalcap computes it, with the document
-    frequencies of a fixed reference corpus (the training captions) computed once, and every
-    reference's tf-idf vector cached, so scoring a candidate costs a few dict lookups.
-
-    pycocoevalcap's quirks are kept: the length penalty uses the number of *bigrams*, and the
-    log corpus size is the number of images.
-
-    Args:
-        refs: image id -> its tokenised reference captions (lists of words).
-    """
-
-    def __init__(self, refs: dict[str, list[list[str]]], n: int = 4, sigma: float = 6.0):
-        self.n, self.sigma = n, sigma
-        df: dict[Ngram, int] = defaultdict(int)
-        counts = {k: [_ngram_counts(r, n) for r in rs] for k, rs in refs.items()}
-        for cs in counts.values():
-            for g in {g for c in cs for g in c}:
-                df[g] += 1
-        self.log_df = {g: math.log(max(1.0, v)) for g, v in df.items()}
-        self.ref_len = math.log(float(len(refs)))
-        self.refs = {k: [self._vec(c) for c in cs] for k, cs in counts.items()}
-
-    def _vec(self, counts: dict[Ngram, int]):
-        vec: list[dict[Ngram, float]] = [{} for _ in range(self.n)]
-        norm = [0.0] * self.n
-        length = 0
-        for g, tf in counts.items():
-            k = len(g) - 1
-            v = tf * (self.ref_len - self.log_df.get(g, 0.0))
-            vec[k][g] = v
-            norm[k] += v * v
-            if k == 1:
-                length += tf
-        return vec, [math.sqrt(x) for x in norm], length
-
-    def score(self, image: str, words: Sequence[str]) -> float:
-        """CIDEr-D of one candidate (list of words) against ``image``'s references."""
-        vh, nh, lh = self._vec(_ngram_counts(words, self.n))
-        refs = self.refs[image]
-        total = 0.0
-        for vr, nr, lr in refs:
-            pen = math.exp(-((lh - lr) ** 2) / (2 * self.sigma ** 2))
-            for k in range(self.n):
-                r = vr[k]
-                val = sum(min(v, r.get(g, 0.0)) * r.get(g, 0.0) for g, v in vh[k].items())
-                if nh[k] and nr[k]:
-                    val /= nh[k] * nr[k]
-                total += val * pen
-        return total / self.n / len(refs) * 10.0
 
 
 def sample_with_logprobs(model, grid: torch.Tensor, pooled: torch.Tensor, samples: int, max_len: int,

@@ -25,7 +25,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..atomic import atomic_write, swap_folder
 from ..bundle import VOCAB, BundleError, load_bundle, read_config, recover_swap, save_bundle
 from .data import CaptionDataset, load_dataset
 from ..decoders import Decoder, build_decoder
@@ -258,12 +258,7 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, opt: torch.optim.Optim
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=folder.parent))
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state))
-    old = folder.with_name(".checkpoint.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_folder(tmp, folder)
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
@@ -494,9 +489,11 @@ def _append_csv(path: Path, row: dict, epoch: int) -> None:
     if path.is_file():
         with path.open(newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows + [row])
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows + [row])
+
+    atomic_write(path, write)
