@@ -1,6 +1,6 @@
 """Entry point: ``streamlit run app/main.py``.
 
-Five pages (app/views/) share one sidebar (app/ui.py): the model, the photo and the decoding
+Six pages (app/views/) share one sidebar (app/ui.py): the model, the photo and the decoding
 settings chosen there apply on every page. All computation lives in app/services/ (one module per
 concern); app/ui.py caches it.
 """
@@ -26,6 +26,7 @@ PAGES = [
     st.Page(HERE / "views" / "encoder.py", title="Encoder", icon=":material/layers:", url_path="encoder"),
     st.Page(HERE / "views" / "embeddings.py", title="Embeddings", icon=":material/scatter_plot:", url_path="embeddings"),
     st.Page(HERE / "views" / "model.py", title="Model", icon=":material/monitoring:", url_path="model"),
+    st.Page(HERE / "views" / "concepts.py", title="Concepts", icon=":material/label:", url_path="concepts"),
 ]
 
 page = st.navigation(PAGES)
