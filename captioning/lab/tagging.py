@@ -548,7 +548,7 @@ def evaluate_tagger(bundle: str | Path = DEFAULT_TAGGER, data: Optional[str] = N
 
 
 def ship_tagger(run: str | Path, dest: str | Path = DEFAULT_TAGGER, data: Optional[str] = None,
-                features: str | Path = DEFAULT_FEATURES) -> dict:
+                features: str | Path = DEFAULT_FEATURES, commands: Optional[list[str]] = None) -> dict:
     """Best network of each kind in RUN -> per-concept thresholds on dev -> the bundle -> test metrics."""
     run = Path(run)
     nets = {}
@@ -564,12 +564,54 @@ def ship_tagger(run: str | Path, dest: str | Path = DEFAULT_TAGGER, data: Option
     for k in training:
         training[k].pop("config", None)
         training[k]["train_config"] = json.loads((run / k / "config.json").read_text())
+    if commands is None:
+        default = asdict(TagTrainConfig())
+        commands = ["python -m captioning extract-features"]
+        for k in nets:
+            tc = training[k]["train_config"]
+            opts = "".join(f" --{n.replace('_', '-')} {v}" for n, v in tc.items() if n != "network" and default.get(n) != v)
+            commands.append(f"python -m captioning train-tagger --network {k} --out {run}{opts}")
+        commands.append(f"python -m captioning ship-tagger {run}")
     write_bundle(Path(dest), td.space, td.vocab, nets, thresholds, cfg.encoder, {"training": training})
     for k in nets:
         shutil.copy2(run / k / "metrics.csv", Path(dest) / f"metrics_{k}.csv")
     res = evaluate_tagger(dest, data, features, "test")
     (Path(dest) / "metrics.json").write_text(json.dumps(res, indent=1))
+    write_card(Path(dest), res, training, commands)
     return res
+
+
+TITLES = {"image": "image (noisy-OR MIL over the 7x7 grid)", "text": "caption (Bi-LSTM)",
+          "joint": "image + caption (joint)", "caption_words": "baseline: the words of the default captioner's caption"}
+
+
+def write_card(dest: Path, res: dict, training: dict, commands: list[str]) -> None:
+    """README.md of the tagger bundle: what it is, its test metrics, and the commands that made it."""
+    m = res["metrics"]
+    lines = ["# Concept tagger (Flickr8k)", "",
+             f"{res['n_concepts']} visual concepts mined from the Flickr8k training captions (`concepts.json`: each "
+             "concept, how many training photos it labels, the word forms that name it); a concept is a label of a "
+             "photo when at least 2 of its 5 captions use it. Networks on the frozen `efficientnet-lite0` features "
+             "(see `docs/tagger.md`). Per-concept thresholds were tuned on the dev split; fp16 safetensors.", "",
+             f"## Test split ({res['n_images']} photos)", "",
+             "| network | micro-F1 | macro-F1 | mAP | micro precision | micro recall |", "|---|---|---|---|---|---|"]
+    for k, v in m.items():
+        lines.append(f"| {TITLES.get(k, k)} | {v['micro_f1']:.3f} | {v['macro_f1']:.3f} | {v['mAP']:.3f} | "
+                     f"{v['micro_precision']:.3f} | {v['micro_recall']:.3f} |")
+    lines += ["", "The text and joint networks read the default captioner's own test caption, never a reference. "
+              "The baseline's mAP ranks 0/1 scores (a caption either names a concept or not)."]
+    cm = res.get("caption_misses")
+    if cm:
+        lines += ["", f"Of the {cm['tagger_sure_and_right']} (photo, concept) pairs where the image network is sure "
+                  f"(p >= {cm['sure']}) and the references agree, the default caption leaves out "
+                  f"{cm['caption_missed']} ({100 * cm['rate']:.1f}%); per concept in `metrics.json`."]
+    lines += ["", "## Training", ""]
+    for k, t in training.items():
+        lines.append(f"- `{k}`: best dev micro-F1 {t['dev_micro_f1']:.3f} at epoch {t['epoch']} "
+                     f"(curve: `metrics_{k}.csv`)")
+    lines += ["", "## Commands", "", "```bash", *commands, "```", "",
+              "Research use only, as the Flickr8k data it was trained on.", ""]
+    (dest / "README.md").write_text("\n".join(lines))
 
 
 # --- command line ---------------------------------------------------------------------------
