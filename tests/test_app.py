@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 import subprocess
@@ -244,7 +245,7 @@ def test_word_labels_are_unique():
 
 
 def test_cider_d_matches_pycocoevalcap_on_its_own_corpus():
-    """With document frequencies from the evaluated corpus, our CIDEr-D equals pycocoevalcap's."""
+    """With document frequencies from the evaluated corpus, the app's per-photo CIDEr-D equals pycocoevalcap's."""
     from pycocoevalcap.cider.cider import Cider
 
     refs = {"1": ["a dog runs on the grass", "a brown dog running", "the dog is running outside"],
@@ -252,25 +253,25 @@ def test_cider_d_matches_pycocoevalcap_on_its_own_corpus():
             "3": ["a man rides a red bike", "a man on a bike", "a person riding a red bicycle"]}
     preds = {"1": "a dog runs on grass", "2": "two dogs play in the snow", "3": "a dog on a bike"}
     ref_scores = Cider().compute_score(refs, {k: [v] for k, v in preds.items()})[1]
-    df = captions.doc_freq_from_refs(refs)
-    ours = [captions.cider_d(preds[k], refs[k], df) for k in refs]
+    cider = captions.cider_from_refs(refs)
+    ours = [captions.per_image_scores(preds[k], refs[k], cider)["CIDEr"] for k in refs]
     assert np.allclose(ours, ref_scores, atol=1e-9), (ours, ref_scores)
 
 
 def test_per_image_scores_with_fixed_doc_freq():
     refs = ["two dogs play in the snow", "dogs playing in snow", "two brown dogs in the snow"]
-    df = captions.doc_freq_from_refs({"a": refs, "b": ["a man on a bike"], "c": ["a cat on a mat"], "d": ["a red car"]})
-    good = captions.per_image_scores("two dogs play in the snow", refs, df)
-    bad = captions.per_image_scores("a man rides a bike", refs, df)
+    cider = captions.cider_from_refs({"a": refs, "b": ["a man on a bike"], "c": ["a cat on a mat"], "d": ["a red car"]})
+    good = captions.per_image_scores("two dogs play in the snow", refs, cider)
+    bad = captions.per_image_scores("a man rides a bike", refs, cider)
     assert set(good) == {"BLEU-4", "CIDEr"}
     assert good["BLEU-4"] > 0.5 > bad["BLEU-4"] and good["CIDEr"] > 1.0 > bad["CIDEr"] >= 0.0
 
 
 @pytest.mark.slow
-def test_training_doc_freq_from_flickr8k(flickr8k_dir):
-    df = captions.training_doc_freq()
-    assert df is not None and df.n_images >= 5000
-    assert df.df[("dog",)] > 500 and df.df[("a",)] > df.df[("dog",)]
+def test_training_cider_from_flickr8k(flickr8k_dir):
+    cider = captions.training_cider()
+    assert cider is not None and math.exp(cider.ref_len) == pytest.approx(6000, abs=1000)
+    assert 0 < cider.log_df[("dog",)] < cider.log_df[("a",)] and cider.log_df[("dog",)] > math.log(500)
 
 
 def test_caption_service_and_maps(models):

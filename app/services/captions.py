@@ -2,17 +2,16 @@
 and per-photo scores against reference captions."""
 from __future__ import annotations
 
-import math
 import time
-from collections import Counter
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Optional, Sequence
 
-import numpy as np
 from PIL import Image
 
 from captioning.api import CaptionResult
+from captioning.lab.data import default_data_dir
+from captioning.metrics import CiderD, py_tokenize, score_captions
 
 from app.services import COMPUTE_LOCK
 from app.services import photos
@@ -82,103 +81,37 @@ def word_option_labels(words: Sequence[str], probs: Optional[Sequence[float]] = 
 
 # --------------------------------------------------------------------------- scores
 
-def _tok(s: str) -> str:
-    from captioning.metrics import py_tokenize
-
-    return py_tokenize({"x": [s]})["x"][0]
-
-
-def _ngrams(s: str, n: int = 4) -> Counter:
-    w = s.split()
-    return Counter(tuple(w[i:i + k]) for k in range(1, n + 1) for i in range(len(w) - k + 1))
+def _words(s: str) -> list[str]:
+    """pycocoevalcap's tokenisation of one caption, as words."""
+    return py_tokenize({"x": [s]})["x"][0].split()
 
 
-@dataclass
-class DocFreq:
-    """CIDEr document frequencies: n-gram -> number of images whose references contain it."""
-
-    df: dict[tuple, float]
-    n_images: int
-    source: str
+def cider_from_refs(refs: dict[str, list[str]]) -> CiderD:
+    """CIDEr-D with the document frequencies of a corpus of references (image -> captions)."""
+    return CiderD({k: [_words(c) for c in caps] for k, caps in refs.items()})
 
 
 @lru_cache(maxsize=2)
-def _train_doc_freq(data_dir: str) -> DocFreq:
+def _training_cider(data_dir: str) -> CiderD:
     ds = photos.load_flickr(data_dir)
-    names = ds.split("train")
-    df: Counter = Counter()
-    for n in names:
-        grams: set = set()
-        for c in ds.captions[n]:
-            grams.update(_ngrams(_tok(c)))
-        df.update(grams)
-    return DocFreq(dict(df), len(names), f"Flickr8k train split ({len(names)} images)")
+    return cider_from_refs({n: list(ds.captions[n]) for n in ds.split("train")})
 
 
-def doc_freq_from_refs(refs: dict[str, list[str]]) -> DocFreq:
-    """Document frequencies of a corpus of references (image -> captions)."""
-    df: Counter = Counter()
-    for caps in refs.values():
-        grams: set = set()
-        for c in caps:
-            grams.update(_ngrams(_tok(c)))
-        df.update(grams)
-    return DocFreq(dict(df), len(refs), "given references")
-
-
-def training_doc_freq() -> Optional[DocFreq]:
-    """CIDEr document frequencies of the Flickr8k training references, computed once (about a second)."""
-    from captioning.lab.data import default_data_dir
-
+def training_cider() -> Optional[CiderD]:
+    """CIDEr-D with the Flickr8k training references' document frequencies (built once, a few
+    seconds), or None without the data: one photo's CIDEr-D then means what it means over a test set."""
     d = default_data_dir()
     if d is None or photos.flickr_dataset() is None:
         return None
-    return _train_doc_freq(str(d))
+    return _training_cider(str(d))
 
 
-def cider_d(candidate: str, refs: Sequence[str], docfreq: DocFreq, n: int = 4, sigma: float = 6.0) -> float:
-    """CIDEr as pycocoevalcap computes it (Vedantam et al. 2015, with its clipping and length
-    penalty), but with document frequencies from a fixed corpus: one photo's CIDEr then means
-    the same as in a corpus evaluation instead of collapsing to zero idf."""
-    ref_len = math.log(float(max(docfreq.n_images, 1)))
-
-    def vec(cnts: Counter):
-        v = [dict() for _ in range(n)]
-        norm = [0.0] * n
-        length = 0
-        for g, tf in cnts.items():
-            k = len(g) - 1
-            df = math.log(max(1.0, docfreq.df.get(g, 0.0)))
-            v[k][g] = float(tf) * (ref_len - df)
-            norm[k] += v[k][g] ** 2
-            if k == 1:
-                length += tf
-        return v, [math.sqrt(x) for x in norm], length
-
-    vh, nh, lh = vec(_ngrams(_tok(candidate), n))
-    total = np.zeros(n)
-    for r in refs:
-        vr, nr, lr = vec(_ngrams(_tok(r), n))
-        delta = float(lh - lr)
-        val = np.zeros(n)
-        for k in range(n):
-            for g, x in vh[k].items():
-                val[k] += min(x, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0)
-            if nh[k] != 0 and nr[k] != 0:
-                val[k] /= nh[k] * nr[k]
-            val[k] *= math.e ** (-(delta ** 2) / (2 * sigma ** 2))
-        total += val
-    return float(np.mean(total) / max(len(refs), 1) * 10.0)
-
-
-def per_image_scores(candidate: str, refs: Sequence[str], docfreq: Optional[DocFreq] = None) -> dict[str, float]:
-    """BLEU-4 (pycocoevalcap, sentence level) and CIDEr-D with training document frequencies."""
-    from captioning.metrics import score_captions
-
+def per_image_scores(candidate: str, refs: Sequence[str], cider: Optional[CiderD] = None) -> dict[str, float]:
+    """BLEU-4 (pycocoevalcap, sentence level) and CIDEr-D (``cider``'s document frequencies, by
+    default the Flickr8k training captions')."""
     s = score_captions({"img": candidate}, {"img": list(refs)}, use_java=False, metrics=("bleu",), per_image=True)
     out = {"BLEU-4": float(s.per_image["img"]["BLEU-4"])}
-    docfreq = docfreq or training_doc_freq()
-    if docfreq is not None:
-        out["CIDEr"] = cider_d(candidate, refs, docfreq)
+    cider = cider or training_cider()
+    if cider is not None:
+        out["CIDEr"] = cider.score_refs(_words(candidate), [_words(r) for r in refs])
     return out
-

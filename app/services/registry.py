@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from captioning.bundle import MODELS_DIR, BundleError, read_config
+from captioning.lab.published import PUBLISHED
 
 from app.services import COMPUTE_LOCK
 
@@ -113,17 +114,6 @@ def load_captioner(path: str, encoder=None):
 
 # --------------------------------------------------------------------------- a bundle's files
 
-#: Published Flickr8k test results, fractions (papers report x100). Only numbers in the papers.
-PUBLISHED: list[dict[str, Any]] = [
-    {"model": "Show, Attend and Tell, soft attention", "BLEU-1": 0.67, "BLEU-2": 0.448, "BLEU-3": 0.299,
-     "BLEU-4": 0.195, "METEOR": 0.1893,
-     "source": "Xu et al. 2015, ICML, arXiv:1502.03044, Table 1 (Flickr8k)"},
-    {"model": "Show, Attend and Tell, hard attention", "BLEU-1": 0.67, "BLEU-2": 0.457, "BLEU-3": 0.314,
-     "BLEU-4": 0.213, "METEOR": 0.2030,
-     "source": "Xu et al. 2015, ICML, arXiv:1502.03044, Table 1 (Flickr8k)"},
-    {"model": "Show and Tell (NIC)", "BLEU-1": 0.63,
-     "source": "Vinyals et al. 2015, CVPR, arXiv:1411.4555, Table 2 (Flickr8k reports BLEU-1 only)"},
-]
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
