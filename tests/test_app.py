@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -690,6 +691,31 @@ def test_model_page(models):
     assert len(at.get("plotly_chart")) == 1  # training curves
     compare = [m.value for m in at.markdown if 'class="compare-caption"' in m.value]
     assert len(compare) == 3
+    # Compare decoders: each model's own test metrics (only the first ships metrics.json) ...
+    notes = [c.value for c in at.caption]
+    assert "Flickr8k test (1,000 photos): CIDEr 0.321 · BLEU-4 0.111 · METEOR 0.150" in notes
+    assert sum(n.startswith("No test metrics") for n in notes) == 2
+    # ... a word diff of the two others against the sidebar's model: keeping the shared and added
+    # words gives that model's caption, keeping the shared and removed ones the sidebar model's.
+    texts = [re.sub(r"<[^>]+>", "", c.split(">", 1)[1].rsplit("</p>", 1)[0]) for c in compare]
+    diffs = [m.value for m in at.markdown if 'class="word-diff"' in m.value]
+    assert len(diffs) == 2
+    for diff, text in zip(diffs, texts[1:]):
+        words = re.findall(r'<span class="diff-added"[^>]*>([^<]*)</span>|<del class="diff-removed"[^>]*>([^<]*)</del>|'
+                           r"([^<>\s]+)", diff.split(">", 1)[1].rsplit("</p>", 1)[0])
+        assert " ".join(a or s for a, r, s in words if not r) == text
+        assert " ".join(r or s for a, r, s in words if not a) == texts[0]
+    # ... and a Grad-CAM map per model (attention too for the one with attention).
+    labels = [c for i in at.image for c in i.captions]
+    assert sum(c.startswith("Grad-CAM for") for c in labels) == 3 and sum(c.startswith("attention for") for c in labels) == 1
+
+
+def test_word_diff():
+    ops = captions.word_diff("a dog runs on the grass".split(), "a brown dog runs in the grass".split())
+    assert ops == [("same", "a"), ("added", "brown"), ("same", "dog"), ("same", "runs"), ("removed", "on"),
+                   ("added", "in"), ("same", "the"), ("same", "grass")]
+    html_ = figures.word_diff_html(ops)
+    assert '<span class="diff-added"' in html_ and "<del" in html_ and html_.count("<del") == 1
 
 
 def test_length_penalty_defaults_to_the_models(models, tmp_path):

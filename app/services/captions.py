@@ -2,6 +2,7 @@
 and per-photo scores against reference captions."""
 from __future__ import annotations
 
+import difflib
 import time
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -77,6 +78,19 @@ def word_option_labels(words: Sequence[str], probs: Optional[Sequence[float]] = 
     if not probs:
         return labels
     return [f"{lab} · {p:.2f}" for lab, p in zip(labels, probs)]
+
+
+def word_diff(base: Sequence[str], other: Sequence[str]) -> list[tuple[str, str]]:
+    """``other`` against ``base`` word by word, in reading order: ("same", w), ("added", w) for a
+    word only ``other`` says, ("removed", w) for a word of ``base`` that ``other`` leaves out."""
+    base, other = list(base), list(other)
+    out: list[tuple[str, str]] = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=base, b=other, autojunk=False).get_opcodes():
+        if op == "equal":
+            out += [("same", w) for w in other[j1:j2]]
+        else:
+            out += [("removed", w) for w in base[i1:i2]] + [("added", w) for w in other[j1:j2]]
+    return out
 
 
 # --------------------------------------------------------------------------- scores

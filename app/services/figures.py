@@ -68,6 +68,16 @@ def colour_scale_html(note: str = "", cmap: str = CMAP, width: int = 220) -> str
             + (f"<span>{note}</span>" if note else "") + "</div>")
 
 
+def word_diff_html(ops: Sequence[tuple[str, str]]) -> str:
+    """A word diff (``captions.word_diff``) as inline HTML: added words on green, removed words
+    struck through in red, shared words plain."""
+    import html
+
+    style = {"added": '<span class="diff-added" style="background:#c8f0c8;border-radius:3px;padding:0 2px">{}</span>',
+             "removed": '<del class="diff-removed" style="color:#b3261e">{}</del>', "same": "{}"}
+    return " ".join(style[op].format(html.escape(w)) for op, w in ops)
+
+
 def map_overlay(image: Image.Image, m: np.ndarray, method: str = "") -> np.ndarray:
     """The map as the app shows it: ``display_map`` in the app's colour map over the photo."""
     return overlay(image, display_map(m, method), cmap=CMAP)

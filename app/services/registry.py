@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from captioning.bundle import MODELS_DIR, BundleError, read_config
 from captioning.lab.published import PUBLISHED
@@ -148,6 +148,11 @@ def test_metrics(model_path: str) -> Optional[dict[str, float]]:
     if not isinstance(m, dict):
         return None
     return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def metrics_line(m: Optional[dict[str, float]], keys: Sequence[str] = ("CIDEr", "BLEU-4", "METEOR")) -> str:
+    """"CIDEr 0.553 · BLEU-4 0.213 · METEOR 0.201" from test metrics (the keys it has), or ""."""
+    return " · ".join(f"{k} {m[k]:.3f}" for k in keys if m and m.get(k) is not None)
 
 
 def metrics_table(models: dict[str, Optional[dict[str, float]]]) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """Model page: the model card, test metrics beside published Flickr8k numbers, training curves,
-and every available decoder captioning the same photo side by side."""
+and every available decoder captioning the same photo side by side (its test metrics, this
+photo's scores, a word diff against the sidebar's model, and its maps)."""
 from __future__ import annotations
 
 import html
@@ -7,6 +8,7 @@ import time
 
 import streamlit as st
 
+from app.services import NotAvailable
 from app.services import captions, figures, photos, registry
 from app import ui
 
@@ -56,32 +58,57 @@ with tab_curves:
         st.dataframe(registry.curve_table(rows), hide_index=True, width="stretch")
 
 with tab_compare:
-    if not ui.require_image(cur):
-        pass
-    else:
+    if ui.require_image(cur):
         usable = [x for x in cur.models if not x.error]
-        cols = st.columns(max(1, min(len(usable), 3)))
-        for i, x in enumerate(usable):
+        refs = photos.flickr_references(cur.flickr_name) if cur.flickr_name else []
+        results = {}
+        for x in usable:
+            cap = ui.load_model(x)
+            if cap is None:
+                continue
+            # Each model re-ranks as its bundle says, unless the sidebar turned re-ranking off.
+            rerank = x.rerank if cur.rerank or not (cur.model and cur.model.rerank) else 0.0
+            t0 = time.perf_counter()
+            out = ui.caption(x.key, cur.digest, cur.beam, cur.length_penalty, 1, cap, cur.full, rerank,
+                             ui.guide_choice(x.key))
+            # A cache hit returns the first computation's time: say "cached" rather than a stale figure.
+            took = "cached" if time.perf_counter() - t0 < 0.5 * out.seconds else f"{out.seconds * 1000:.0f} ms"
+            results[x.name] = (x, cap, out, took)
+        # Words are compared with the sidebar's model (or the first one shown).
+        base = results.get(m.name) or next(iter(results.values()), None)
+        cols = st.columns(max(1, min(len(results), 3)))
+        for i, (x, cap, out, took) in enumerate(results.values()):
             with cols[i % len(cols)]:
                 st.markdown(f"**{registry.DECODER_TITLES.get(x.decoder, x.name)}**  \n`{x.name}`")
-                cap = ui.load_model(x)
-                if cap is None:
-                    continue
-                # Each model re-ranks as its bundle says, unless the sidebar turned re-ranking off.
-                rerank = x.rerank if cur.rerank or not (cur.model and cur.model.rerank) else 0.0
-                t0 = time.perf_counter()
-                out = ui.caption(x.key, cur.digest, cur.beam, cur.length_penalty, 1, cap, cur.full, rerank,
-                                 ui.guide_choice(x.key))
-                # A cache hit returns the first computation's time: say "cached" rather than a stale figure.
-                took = "cached" if time.perf_counter() - t0 < 0.5 * out.seconds else f"{out.seconds * 1000:.0f} ms"
                 st.markdown(f'<p class="compare-caption" style="font-size:1.3rem;font-weight:600">'
                             f"{html.escape(out.text)}</p>", unsafe_allow_html=True)
+                if base is not None and x is not base[0]:
+                    st.markdown(f'<p class="word-diff">{figures.word_diff_html(captions.word_diff(base[2].words, out.words))}'
+                                f"</p>", unsafe_allow_html=True,
+                                help=f"Word by word against {base[0].title}'s caption: green words only this model says, "
+                                     "struck-through words only the other says")
                 st.caption(f"log-probability {out.best.logprob:.2f} · {took}")
-                if out.attention is not None:
+                test = registry.metrics_line(registry.test_metrics(x.path))
+                st.caption(f"Flickr8k test (1,000 photos): {test}" if test else "No test metrics (metrics.json) in "
+                           "this model's folder.")
+                if refs:
+                    s = ui.scores(out.text, tuple(refs))
+                    st.caption("This photo against its references: "
+                               + " · ".join(f"{k} {s[k]:.3f}" for k in ("CIDEr", "BLEU-4") if k in s))
+                if out.words:
                     w0 = captions.first_content_word(out.words)
-                    st.image(figures.attention_overlay(cur.image, out.attention, w0), clamp=True, width="stretch",
-                             caption=f"attention for “{out.words[w0]}”" if out.words else "attention")
-        if cur.flickr_name:
-            refs = photos.flickr_references(cur.flickr_name)
-            if refs:
-                st.markdown("**References:** " + " · ".join(html.escape(r) for r in refs))
+                    try:
+                        cam = ui.grad_cam_all(x.key, cur.digest, tuple(out.tokens), cap, cur.full)[w0]
+                    except (NotAvailable, ValueError) as e:
+                        st.info(str(e))
+                    else:
+                        st.image(figures.map_overlay(cur.image, cam, "grad_cam"), clamp=True, width="stretch",
+                                 caption=f"Grad-CAM for “{out.words[w0]}”")
+                    if out.attention is not None:
+                        st.image(figures.attention_overlay(cur.image, out.attention, w0), clamp=True, width="stretch",
+                                 caption=f"attention for “{out.words[w0]}”")
+        if results:
+            st.markdown(figures.colour_scale_html(f"each map on its own: {figures.map_normalisation('grad_cam')}"),
+                        unsafe_allow_html=True)
+        if refs:
+            st.markdown("**References:** " + " · ".join(html.escape(r) for r in refs))
