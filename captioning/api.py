@@ -25,7 +25,8 @@ from .decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, re
 from .encoders import Encoder, build_encoder, imagenet_topk
 from .images import ImageInput, Preprocessing, load_image, preprocess
 from .familiarity import Familiarity, FamiliarityScore, load_familiarity
-from .guidance import GuideSettings, plan as plan_guide, resolve as resolve_guide
+from .decode_config import DecodeConfig
+from .guidance import GuideSettings, plan as plan_guide
 from .matcher import Matcher, load_matcher
 from .recognition import Recognition, recognise
 from .vocab import Vocab, detokenize
@@ -128,31 +129,33 @@ class Captioner:
         return self.encoder.grid_side(self.prep.size)
 
     @property
-    def default_length_penalty(self) -> float:
-        """The length penalty the bundle recommends (its ``decoding`` section, chosen on the
-        dev split); 0 when it names none and for ensembles."""
+    def decoding(self) -> DecodeConfig:
+        """The settings the bundle recommends (config.json ``decoding``, chosen on the dev split;
+        every None resolved). An ensemble's length penalty is 0 (its members' choices need not
+        agree), and so is the re-ranking weight without a matcher."""
+        d = DecodeConfig.from_bundle(self.config)
         if isinstance(self.decoder, Ensemble):
-            return 0.0
-        return float((self.config.get("decoding") or {}).get("length_penalty", 0.0))
+            d = d.replace(length_penalty=0.0)
+        if self.matcher is None:
+            d = d.replace(rerank=0.0)
+        return d
+
+    @property
+    def default_length_penalty(self) -> float:
+        return self.decoding.length_penalty
 
     @property
     def default_rerank(self) -> float:
-        """The matcher weight the bundle recommends for re-ranking the beams (its ``decoding``
-        section, chosen on the dev split); 0 without a matcher."""
-        if self.matcher is None:
-            return 0.0
-        return float((self.config.get("decoding") or {}).get("rerank", 0.0))
+        return self.decoding.rerank
 
     @property
     def default_rerank_pool(self) -> int:
-        """How many of beam search's finished captions re-ranking considers, as the bundle
-        recommends (chosen on the dev split); 0 when it names none, which means ``beam_size``."""
-        return int((self.config.get("decoding") or {}).get("rerank_pool", 0))
+        """0 means ``beam_size``."""
+        return self.decoding.rerank_pool
 
     @property
     def default_guide(self) -> bool:
-        """Whether the bundle turns guided decoding on by default (``decoding.guide.on``)."""
-        return bool(((self.config.get("decoding") or {}).get("guide") or {}).get("on", False))
+        return bool(self.decoding.guide)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path, Sequence[Union[str, Path]], None] = None,
@@ -173,10 +176,6 @@ class Captioner:
         decoder = dec0 if len(loaded) == 1 else Ensemble([d for d, _, _ in loaded])
         # An ensemble's beams are not re-ranked: its members' matchers could disagree.
         matcher = _load_matcher_checked(paths[0]) if len(loaded) == 1 else None
-        try:  # the guidance settings (decoding.guide) are checked here, not at the first caption
-            resolve_guide(True, cfg)
-        except ValueError as e:
-            raise BundleError(f"{Path(paths[0]) / 'config.json'}: {e}") from None
         cap = cls(enc, decoder, vocab, Preprocessing.from_dict(cfg["preprocessing"]), cfg, matcher)
         try:  # it reads the encoder's features, which an ensemble's members share
             cap.familiarity = load_familiarity(paths[0])
@@ -203,31 +202,32 @@ class Captioner:
         return imagenet_topk(self.encoder, self.pixels([image]), k)
 
     @torch.no_grad()
-    def caption(self, images: Union[ImageInput, Sequence[ImageInput]], beam_size: int = 3, nbest: int = 1,
-                max_len: int = 20, min_len: int = 1, length_penalty: Optional[float] = None, no_repeat_ngram: int = 0,
-                method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
+    def caption(self, images: Union[ImageInput, Sequence[ImageInput]], decode: Optional[DecodeConfig] = None, *,
                 return_lattice: bool = False, batch_size: int = 64, seed: Optional[int] = None,
-                rerank: Optional[float] = None, rerank_pool: Optional[int] = None,
-                guide: Union[None, bool, dict, GuideSettings] = None) -> list[CaptionResult]:
+                **settings) -> list[CaptionResult]:
         """Caption images (paths, bytes or PIL images; one or a list).
 
         Args:
-            method: "beam" (default), "greedy" or "sample" (temperature, top_k, seed).
-            beam_size, nbest, length_penalty, no_repeat_ngram, min_len, max_len: beam search settings;
-                length_penalty None is the bundle's ``default_length_penalty``.
-            allow_unk: let the model say <unk> (off: it is masked out).
+            decode: the decoding settings (DecodeConfig; default: its defaults, which leave the
+                length penalty, re-ranking and guidance to the bundle).
+            **settings: DecodeConfig fields that override ``decode``'s, e.g. ``beam_size=5``,
+                ``method="sample"``, ``guide=True``:
+                method: "beam" (default), "greedy" or "sample" (temperature, top_k, seed).
+                beam_size, nbest, length_penalty, no_repeat_ngram, min_len, max_len: beam search
+                    settings; length_penalty None is the bundle's ``default_length_penalty``.
+                allow_unk: let the model say <unk> (off: it is masked out).
+                rerank: beam search only: re-rank the finished captions by score + rerank * the
+                    matcher's cosine with the photo (matcher.py); None is the bundle's
+                    ``default_rerank``, 0 turns it off.
+                rerank_pool: how many finished captions the search keeps for re-ranking (at least
+                    ``beam_size``): the best by score of all that ended while the ``beam_size``
+                    live beams were searched (the live beams are the same whatever the pool).
+                    None is the bundle's ``default_rerank_pool``.
+                guide: guided decoding (guidance.py; beam search only): a word the encoder's
+                    ImageNet head is confident about must appear in the caption, and words its
+                    recognition rules out are penalised. None is the bundle's ``default_guide``,
+                    True/False turn it on/off, a dict or GuideSettings sets its strengths.
             return_lattice: keep what beam search considered at each step.
-            rerank: beam search only: re-rank the finished captions by score + rerank * the
-                matcher's cosine with the photo (matcher.py); None is the bundle's
-                ``default_rerank``, 0 turns it off.
-            rerank_pool: how many finished captions the search keeps for re-ranking (at least
-                ``beam_size``): the best by score of all that ended while the ``beam_size`` live
-                beams were searched (the live beams are the same whatever the pool). None is the
-                bundle's ``default_rerank_pool``.
-            guide: guided decoding (guidance.py; beam search only): a word the encoder's ImageNet
-                head is confident about must appear in the caption, and words its recognition
-                rules out are penalised. None is the bundle's ``default_guide``, True/False turn
-                it on/off, a dict or GuideSettings sets its strengths.
         Returns:
             One CaptionResult per image, in order.
         Raises:
@@ -235,45 +235,41 @@ class Captioner:
                 and in one line); with a list, the first bad image stops the whole call.
             ValueError: settings out of range (nbest > beam_size, unknown method, rerank
                 without a matcher, negative rerank_pool).
+            TypeError: a setting DecodeConfig does not have.
         """
+        cfg = (decode or DecodeConfig()).replace(**settings)
         if isinstance(images, (str, Path, bytes)) or hasattr(images, "size") and not isinstance(images, (list, tuple)):
             images = [images]
-        if nbest > beam_size and method == "beam":
-            raise ValueError(f"nbest ({nbest}) cannot exceed beam_size ({beam_size})")
+        if cfg.nbest > cfg.beam_size and cfg.method == "beam":
+            raise ValueError(f"nbest ({cfg.nbest}) cannot exceed beam_size ({cfg.beam_size})")
         out: list[CaptionResult] = []
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for i in range(0, len(images), batch_size):
             grid, pooled = self.encode(self.pixels(images[i:i + batch_size]))
-            out += self.caption_features(grid, pooled, beam_size=beam_size, nbest=nbest, max_len=max_len,
-                                         min_len=min_len, length_penalty=length_penalty,
-                                         no_repeat_ngram=no_repeat_ngram, method=method, temperature=temperature,
-                                         top_k=top_k, allow_unk=allow_unk, return_lattice=return_lattice,
-                                         generator=gen, rerank=rerank, rerank_pool=rerank_pool, guide=guide)
+            out += self.caption_features(grid, pooled, cfg, return_lattice=return_lattice, generator=gen)
         return out
 
     @torch.no_grad()
-    def caption_features(self, grid: torch.Tensor, pooled: torch.Tensor, beam_size: int = 3, nbest: int = 1,
-                         max_len: int = 20, min_len: int = 1, length_penalty: Optional[float] = None,
-                         no_repeat_ngram: int = 0, method: str = "beam", temperature: float = 1.0, top_k: int = 0, allow_unk: bool = False,
+    def caption_features(self, grid: torch.Tensor, pooled: torch.Tensor, decode: Optional[DecodeConfig] = None, *,
                          return_lattice: bool = False, generator: Optional[torch.Generator] = None,
-                         rerank: Optional[float] = None, rerank_pool: Optional[int] = None,
-                         guide: Union[None, bool, dict, GuideSettings] = None) -> list[CaptionResult]:
+                         **settings) -> list[CaptionResult]:
         """Like ``caption`` but from encoder output: grid (B, P, C), pooled (B, C)."""
-        if length_penalty is None:
-            length_penalty = self.default_length_penalty
-        if rerank is None:
-            rerank = self.default_rerank
+        req = (decode or DecodeConfig()).replace(**settings)
+        bundle = self.decoding
+        length_penalty = bundle.length_penalty if req.length_penalty is None else req.length_penalty
+        rerank = bundle.rerank if req.rerank is None else req.rerank
         if rerank and self.matcher is None:
             raise ValueError("re-ranking needs a matcher in the model folder (python -m captioning train-matcher)")
-        if rerank_pool is None:
-            rerank_pool = self.default_rerank_pool
+        rerank_pool = bundle.rerank_pool if req.rerank_pool is None else req.rerank_pool
         if rerank_pool < 0:
             raise ValueError(f"rerank_pool must be >= 0, got {rerank_pool}")
+        method, nbest, beam_size = req.method, req.nbest, req.beam_size
         pool = rerank_candidates(beam_size, rerank_pool, nbest) if rerank else nbest
-        common = dict(max_len=max_len, min_len=min_len, no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk, ids=self.ids)
-        settings = resolve_guide(guide, self.config)
+        common = dict(max_len=req.max_len, min_len=req.min_len, no_repeat_ngram=req.no_repeat_ngram,
+                      allow_unk=req.allow_unk, ids=self.ids)
+        settings = req.guide_for(bundle)
         if settings is not None and method != "beam":
-            if guide is not None:  # asked for explicitly; the bundle's default just does not apply
+            if req.guide is not None:  # asked for explicitly; the bundle's default just does not apply
                 raise ValueError(f"guided decoding needs method='beam', not {method!r}")
             settings = None
         if method == "beam":
@@ -297,8 +293,8 @@ class Captioner:
                                          guided=chosen[b] if chosen is not None else None))
             return self._annotate(out, pooled)
         if method in ("greedy", "sample"):
-            hyps = sample_decode(self.decoder, grid, pooled, greedy=method == "greedy", temperature=temperature,
-                                 top_k=top_k, generator=generator, **common)
+            hyps = sample_decode(self.decoder, grid, pooled, greedy=method == "greedy", temperature=req.temperature,
+                                 top_k=req.top_k, generator=generator, **common)
             return self._annotate([CaptionResult([self._words(h)]) for h in hyps], pooled)
         raise ValueError(f"unknown method {method!r}; valid: beam, greedy, sample")
 

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .decode_config import DecodeConfig
 from .decoders import DECODERS, Decoder, build_decoder, decoder_kind
 from .atomic import recover_swap, swap_folder  # noqa: F401 (recover_swap: its old import path)
 from .images import Preprocessing
@@ -260,14 +261,10 @@ def read_config(folder: str | Path) -> dict:
         Preprocessing.from_dict(cfg["preprocessing"])
     except ValueError as e:
         raise BundleError(f"{p}: {e}") from None
-    dec = cfg.get("decoding")
-    if dec is not None:
-        ok = isinstance(dec, dict) and all(
-            isinstance(dec.get(k, 0), (int, float)) and not isinstance(dec.get(k, 0), bool)
-            and math.isfinite(dec.get(k, 0)) for k in ("length_penalty", "rerank", "rerank_pool"))
-        if not ok or int(dec.get("rerank_pool", 0)) != dec.get("rerank_pool", 0) or dec.get("rerank_pool", 0) < 0:
-            raise BundleError(f"{p}: decoding must be an object of finite numbers "
-                              f"(length_penalty, rerank, rerank_pool >= 0), got {dec!r:.60}")
+    try:  # the decoding section is checked here, not at the first caption
+        DecodeConfig.from_bundle(cfg)
+    except ValueError as e:
+        raise BundleError(f"{p}: {e}") from None
     return cfg
 
 

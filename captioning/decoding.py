@@ -282,11 +282,7 @@ def beam_search(model, grid: torch.Tensor, pooled: torch.Tensor, *, beam_size: i
         logp, state, att = model.step(tokens, state, feats)  # (B*K, V)
         logp = _constrain(logp, seqs, t, ids, min_len, no_repeat_ngram, allow_unk)
         V = logp.size(1)
-        if att is not None:
-            step_att = att.unsqueeze(1)  # (B*K, 1, P)
-            beam_att = step_att if beam_att is None else torch.cat([beam_att, step_att], 1)
-            if pool_att is None:
-                pool_att = torch.zeros(B, npool, max_len, att.size(1), device=dev)
+        beam_att, pool_att = _grow_attention(att, beam_att, pool_att, B, npool, max_len)
         cand = (beam_scores.view(-1, 1) + logp).view(B, K * V)  # (B, K*V)
         top_s, top_i = cand.topk(min(2 * K, K * V), 1)  # (B, 2K)
         parent, tok = top_i // V, top_i % V  # (B, 2K)
@@ -295,44 +291,82 @@ def beam_search(model, grid: torch.Tensor, pooled: torch.Tensor, *, beam_size: i
 
         # Finished candidates join the pool; the pool keeps its npool best by score.
         steps = t + 1
-        end_score = torch.where(is_end, top_s / length_norm(steps, length_penalty), torch.full_like(top_s, -math.inf))
-        cand_seq = torch.zeros(B, top_s.size(1), max_len, dtype=torch.long, device=dev)
-        if t > 0:
-            cand_seq[:, :, :t] = seqs[flat_parent].view(B, -1, t)
-        all_score = torch.cat([pool_score, end_score], 1)
-        keep = all_score.topk(npool, 1).indices  # (B, npool)
-        pool_score = all_score.gather(1, keep)
-        pool_logp = torch.cat([pool_logp, top_s], 1).gather(1, keep)
-        pool_len = torch.cat([pool_len, torch.full_like(tok, t)], 1).gather(1, keep)
-        pool_seq = torch.cat([pool_seq, cand_seq], 1)[rows, keep]
-        if pool_att is not None:
-            cand_att = torch.zeros(B, top_s.size(1), max_len, pool_att.size(3), device=dev)
-            cand_att[:, :, :steps] = beam_att[flat_parent].view(B, -1, steps, pool_att.size(3))
-            pool_att = torch.cat([pool_att, cand_att], 1)[rows, keep]
+        pool_score, pool_logp, pool_len, pool_seq, pool_att = _join_pool(
+            (pool_score, pool_logp, pool_len, pool_seq, pool_att), is_end, top_s, tok, flat_parent, seqs, beam_att,
+            t, length_penalty)
 
         # The K best unfinished candidates live on.
         live_s = top_s.masked_fill(is_end, -math.inf)
         beam_scores, sel = live_s.topk(K, 1)  # (B, K)
         sel_parent = (rows * K + parent.gather(1, sel)).view(-1)  # (B*K,)
         tokens = tok.gather(1, sel).view(-1)
-        seqs = torch.cat([seqs[sel_parent], tokens[:, None]], 1)
-        state = tree_map(lambda x: x.index_select(0, sel_parent), state)
-        if beam_att is not None:
-            beam_att = beam_att[sel_parent]
+        seqs, state, beam_att = _follow(sel_parent, tokens, seqs, state, beam_att)
         if lattice is not None:
             _record(lattice, top_s, parent, tok, is_end, sel, beam_scores)
 
         # Stop an image once no live beam can still beat its nbest-th finished caption.
-        best_live = beam_scores.max(1).values  # (B,)
-        # logprobs only fall as words are added; the length term is largest at the longest
-        # (alpha > 0) or shortest (alpha < 0) length a live beam can still reach.
-        reach = max_len if length_penalty > 0 else min(steps + 1, max_len)
-        bound = best_live / length_norm(reach, length_penalty)
-        if bool(((pool_score[:, nbest - 1] >= bound) | ~torch.isfinite(best_live)).all()):
+        if _all_settled(pool_score, beam_scores, nbest, steps, max_len, length_penalty):
             break
 
     return [_collect(b, nbest, pool_score, pool_logp, pool_len, pool_seq, pool_att, beam_scores, seqs, beam_att,
                      K, length_penalty) for b in range(B)]
+
+
+# --- one search step's bookkeeping, shared by beam_search and guided_beam_search --------------
+
+def _grow_attention(att, beam_att, pool_att, B: int, npool: int, max_len: int):
+    """Append this step's attention (N, P) to the live beams' (N, t, P); make the pool's store
+    (B, npool, max_len, P) at the first step that has attention."""
+    if att is None:
+        return beam_att, pool_att
+    step_att = att.unsqueeze(1)  # (N, 1, P)
+    beam_att = step_att if beam_att is None else torch.cat([beam_att, step_att], 1)
+    if pool_att is None:
+        pool_att = torch.zeros(B, npool, max_len, att.size(1), device=att.device)
+    return beam_att, pool_att
+
+
+def _join_pool(pool, finish, top_s, tok, flat_parent, seqs, beam_att, t: int, alpha: float):
+    """Candidates (B, M) marked ``finish`` join each image's pool of finished captions, which keeps
+    its npool best by length-normalised score. pool: (score, logp, len, seq, att) -> the same."""
+    pool_score, pool_logp, pool_len, pool_seq, pool_att = pool
+    B, npool, max_len = pool_seq.shape
+    dev = top_s.device
+    rows = torch.arange(B, device=dev).unsqueeze(1)
+    steps = t + 1
+    end_score = torch.where(finish, top_s / length_norm(steps, alpha), torch.full_like(top_s, -math.inf))
+    cand_seq = torch.zeros(B, top_s.size(1), max_len, dtype=torch.long, device=dev)
+    if t > 0:
+        cand_seq[:, :, :t] = seqs[flat_parent].view(B, -1, t)
+    all_score = torch.cat([pool_score, end_score], 1)
+    keep = all_score.topk(npool, 1).indices  # (B, npool)
+    pool_score = all_score.gather(1, keep)
+    pool_logp = torch.cat([pool_logp, top_s], 1).gather(1, keep)
+    pool_len = torch.cat([pool_len, torch.full_like(tok, t)], 1).gather(1, keep)
+    pool_seq = torch.cat([pool_seq, cand_seq], 1)[rows, keep]
+    if pool_att is not None:
+        cand_att = torch.zeros(B, top_s.size(1), max_len, pool_att.size(3), device=dev)
+        cand_att[:, :, :steps] = beam_att[flat_parent].view(B, -1, steps, pool_att.size(3))
+        pool_att = torch.cat([pool_att, cand_att], 1)[rows, keep]
+    return pool_score, pool_logp, pool_len, pool_seq, pool_att
+
+
+def _follow(sel_parent, tokens, seqs, state, beam_att):
+    """The live beams become the chosen candidates: their parents' words, state and attention,
+    plus the new token."""
+    seqs = torch.cat([seqs[sel_parent], tokens[:, None]], 1)
+    state = tree_map(lambda x: x.index_select(0, sel_parent), state)
+    return seqs, state, (None if beam_att is None else beam_att[sel_parent])
+
+
+def _all_settled(pool_score, beam_scores, nbest: int, steps: int, max_len: int, alpha: float) -> bool:
+    """True once, for every image, no live beam can still beat its nbest-th finished caption."""
+    best_live = beam_scores.max(1).values  # (B,)
+    # logprobs only fall as words are added; the length term is largest at the longest
+    # (alpha > 0) or shortest (alpha < 0) length a live beam can still reach.
+    reach = max_len if alpha > 0 else min(steps + 1, max_len)
+    bound = best_live / length_norm(reach, alpha)
+    return bool(((pool_score[:, nbest - 1] >= bound) | ~torch.isfinite(best_live)).all())
 
 
 def _collect(b, nbest, pool_score, pool_logp, pool_len, pool_seq, pool_att, beam_scores, seqs, beam_att, K, alpha,
@@ -419,11 +453,7 @@ def guided_beam_search(model, grid, pooled, guide: Guide, *, beam_size: int = 3,
             logp = logp + penalty
         logp = _constrain(logp, seqs, t, ids, min_len, no_repeat_ngram, allow_unk)
         V = logp.size(1)
-        if att is not None:
-            step_att = att.unsqueeze(1)
-            beam_att = step_att if beam_att is None else torch.cat([beam_att, step_att], 1)
-            if pool_att is None:
-                pool_att = torch.zeros(B, npool, max_len, att.size(1), device=dev)
+        beam_att, pool_att = _grow_attention(att, beam_att, pool_att, B, npool, max_len)
         cand = (beam_scores.view(-1, 1) + logp).view(B, G * V)
         # A candidate is in the met bank if its parent was, or its word is a constraint word.
         cand_met = (beam_met.unsqueeze(2) | words.unsqueeze(1)).view(B, G * V)
@@ -440,20 +470,9 @@ def guided_beam_search(model, grid, pooled, guide: Guide, *, beam_size: int = 3,
         # Only met-bank captions may finish; an unmet one that ends is dropped.
         steps = t + 1
         finish = is_end & top_met
-        end_score = torch.where(finish, top_s / length_norm(steps, length_penalty), torch.full_like(top_s, -math.inf))
-        cand_seq = torch.zeros(B, top_s.size(1), max_len, dtype=torch.long, device=dev)
-        if t > 0:
-            cand_seq[:, :, :t] = seqs[flat_parent].view(B, -1, t)
-        all_score = torch.cat([pool_score, end_score], 1)
-        keep = all_score.topk(npool, 1).indices
-        pool_score = all_score.gather(1, keep)
-        pool_logp = torch.cat([pool_logp, top_s], 1).gather(1, keep)
-        pool_len = torch.cat([pool_len, torch.full_like(tok, t)], 1).gather(1, keep)
-        pool_seq = torch.cat([pool_seq, cand_seq], 1)[rows, keep]
-        if pool_att is not None:
-            cand_att = torch.zeros(B, top_s.size(1), max_len, pool_att.size(3), device=dev)
-            cand_att[:, :, :steps] = beam_att[flat_parent].view(B, -1, steps, pool_att.size(3))
-            pool_att = torch.cat([pool_att, cand_att], 1)[rows, keep]
+        pool_score, pool_logp, pool_len, pool_seq, pool_att = _join_pool(
+            (pool_score, pool_logp, pool_len, pool_seq, pool_att), finish, top_s, tok, flat_parent, seqs, beam_att,
+            t, length_penalty)
 
         # The K best unfinished candidates of each bank live on, ordered by score across banks.
         live_s = top_s.masked_fill(is_end, -math.inf)
@@ -465,18 +484,12 @@ def guided_beam_search(model, grid, pooled, guide: Guide, *, beam_size: int = 3,
         beam_met = top_met.gather(1, sel)
         sel_parent = (rows * G + parent.gather(1, sel)).view(-1)
         tokens = tok.gather(1, sel).view(-1)
-        seqs = torch.cat([seqs[sel_parent], tokens[:, None]], 1)
-        state = tree_map(lambda x: x.index_select(0, sel_parent), state)
-        if beam_att is not None:
-            beam_att = beam_att[sel_parent]
+        seqs, state, beam_att = _follow(sel_parent, tokens, seqs, state, beam_att)
         if lattice is not None:
             _record(lattice, top_s, parent, tok, finish, sel, beam_scores)
 
         # Stop as beam_search does; a live beam of either bank may still reach the pool.
-        best_live = beam_scores.max(1).values
-        reach = max_len if length_penalty > 0 else min(steps + 1, max_len)
-        bound = best_live / length_norm(reach, length_penalty)
-        if bool(((pool_score[:, nbest - 1] >= bound) | ~torch.isfinite(best_live)).all()):
+        if _all_settled(pool_score, beam_scores, nbest, steps, max_len, length_penalty):
             break
 
     out = []

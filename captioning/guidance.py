@@ -108,15 +108,6 @@ def plan(logits: torch.Tensor, vocab_itos: list[str], settings: GuideSettings) -
 def resolve(guide: Union[None, bool, dict, GuideSettings], config: dict) -> Optional[GuideSettings]:
     """What ``Captioner.caption(guide=...)`` means: None -> the bundle's choice (``decoding.guide.on``),
     False -> off, True -> on with the bundle's settings, a dict or GuideSettings -> on with those."""
-    cfg = (config.get("decoding") or {}).get("guide") or {}
-    if guide is None:
-        guide = bool(cfg.get("on", False))
-    if guide is False:
-        return None
-    if guide is True:
-        return GuideSettings.from_dict(cfg)
-    if isinstance(guide, dict):
-        return GuideSettings.from_dict({**cfg, **guide})
-    if isinstance(guide, GuideSettings):
-        return guide
-    raise ValueError(f"guide must be None, a bool, a dict or GuideSettings, got {type(guide).__name__}")
+    from .decode_config import DecodeConfig  # it builds on GuideSettings
+
+    return DecodeConfig(guide=guide).guide_for(DecodeConfig.from_bundle(config))

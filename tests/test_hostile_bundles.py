@@ -176,6 +176,11 @@ def edit_config(bundle: Path, fn) -> Path:
     (lambda c: c.update(decoding={"length_penalty": "high"}), "decoding"),
     (lambda c: c.update(decoding=[1]), "decoding"),
     (lambda c: c.update(decoding={"rerank_pool": -3}), "decoding"),
+    (lambda c: c.update(decoding={"beam_size": 2.5}), "decoding.beam_size"),
+    (lambda c: c.update(decoding={"guide": [1]}), "guide settings"),
+    (lambda c: c.update(decoding={"guide": {"on": True, "treshold": 0.3}}), "unknown setting(s) treshold"),
+    (lambda c: c.update(decoding={"guide": {"on": "yes"}}), "guide.on"),
+    (lambda c: c.update(decoding={"guide": {"conflict": -1}}), "guide.conflict"),
     (lambda c: c.pop("vocab_size"), "vocab_size"),
 ])
 def test_config_of_wrong_types(bundle, edit, words):

@@ -13,31 +13,31 @@ from tqdm import tqdm
 
 from ..api import Captioner
 from ..bundle import DEFAULT_MODEL, read_config
+from ..decode_config import DecodeConfig
 from ..decoding import Ensemble
 from ..encoders import Encoder, build_encoder
 from ..paths import REPO_ROOT
-from .data import default_data_dir, load_dataset, resolve_data_dir
+from .data import load_dataset, resolve_data_dir
 from .features import FeatureCache, find_cache
-from ..guidance import resolve as resolve_guide
 from ..metrics import score_captions
 
 
 def evaluate(model: str | Path | list | None = None, data: str | Path | None = None, split: str = "test",
-             beam_size: int = 3, limit: int = 0, features: str | Path | None = None,
-             length_penalty: Optional[float] = None, rerank: Optional[float] = None,
-             rerank_pool: Optional[int] = None, out: str | Path | None = None, batch_size: int = 64, use_java: Optional[bool] = None,
-             progress: bool = True, guide=None) -> dict:
+             decode: Optional[DecodeConfig] = None, limit: int = 0, features: str | Path | None = None,
+             out: str | Path | None = None, batch_size: int = 64, use_java: Optional[bool] = None,
+             progress: bool = True, **settings) -> dict:
     """Caption every image of ``split`` with beam search and score against the references.
 
     Uses the feature cache when one matches the model's encoder and preprocessing (same
     numbers, no encoder pass); otherwise runs the encoder. Writes ``metrics.json`` (or
     ``metrics_<split>.json`` for other splits) and ``captions_<split>.json`` to ``out``
-    (default: the model folder). A list of model folders is evaluated as one ensemble; its
+    (default: a folder under runs/evaluate/; a shipped model's own files change only when
+    ``out`` names its folder). A list of model folders is evaluated as one ensemble; its
     members may read different encoders or preprocessings (each gets its own features).
     ``split="train"`` with an ensemble makes teacher captions for ``train --extra-captions``.
-    ``rerank`` (None: the bundle's) re-ranks the finished captions with the bundle's matcher
-    (matcher.py); ``rerank_pool`` (None: the bundle's, 0: ``beam_size``) is how many it considers.
-    ``guide`` is ``Captioner.caption``'s (None: the bundle's default; True/False; a dict of settings).
+    ``decode`` (DecodeConfig) and ``settings`` (its fields, e.g. ``beam_size=5``) are
+    ``Captioner.caption``'s: the length penalty, re-ranking and guidance the bundle's where
+    left None.
 
     Returns:
         {"metrics": {...}, "notes": [...], "tokenizer": ..., "split", "n_images", "beam_size", "seconds"}
@@ -50,12 +50,11 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
     members = load_members(models)
     cap = members[0] if len(members) == 1 else Captioner(
         members[0].encoder, Ensemble([m.decoder for m in members]), members[0].vocab, members[0].prep, members[0].config)
-    if length_penalty is None:
-        length_penalty = cap.default_length_penalty
-    if rerank is None:
-        rerank = cap.default_rerank
-    if rerank_pool is None:
-        rerank_pool = cap.default_rerank_pool
+    dc = (decode or DecodeConfig()).replace(**settings)
+    dc.check()
+    # Resolved once: every batch and the record below use the same numbers.
+    dc = dc.replace(**{k: v for k, v in vars(dc.resolve(cap.decoding)).items()
+                       if k in ("length_penalty", "rerank", "rerank_pool")})
     ds = load_dataset(data)
     if split == "test" and not ds.splits:  # a folder of photos with captions.json names no splits
         split = "all"
@@ -75,18 +74,17 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
             grid, pooled = feats[keys[0]]
         else:  # members that read different inputs get one grid each (Ensemble.start)
             grid, pooled = [feats[k][0] for k in keys], [feats[k][1] for k in keys]
-        for n, r in zip(names, cap.caption_features(grid, pooled, beam_size=beam_size, length_penalty=length_penalty,
-                                                                rerank=rerank, rerank_pool=rerank_pool, guide=guide)):
+        for n, r in zip(names, cap.caption_features(grid, pooled, dc)):
             preds[n] = r.text
     s = score_captions(preds, {n: ds.captions[n] for n in images}, use_java=use_java, per_image=True)
     recall, per_recall = consensus_recall(preds, {n: ds.captions[n] for n in images}, cap.vocab.itos)
     s.metrics["consensus_recall"] = recall
     for n, r in per_recall.items():
         s.per_image.setdefault(n, {})["consensus_recall"] = r
-    res = {"model": [str(m) for m in models] if len(models) > 1 else str(model), "split": split, "n_images": len(images), "beam_size": beam_size,
-           "length_penalty": length_penalty, **({"rerank": rerank} if rerank else {}),
-           **({"rerank_pool": rerank_pool} if rerank and rerank_pool else {}),
-           "guide": (lambda g: g.to_dict() if g else None)(resolve_guide(guide, cap.config)), "metrics": {k: round(v, 4) for k, v in s.metrics.items()},
+    res = {"model": [str(m) for m in models] if len(models) > 1 else str(model), "split": split, "n_images": len(images), "beam_size": dc.beam_size,
+           "length_penalty": dc.length_penalty, **({"rerank": dc.rerank} if dc.rerank else {}),
+           **({"rerank_pool": dc.rerank_pool} if dc.rerank and dc.rerank_pool else {}),
+           "guide": (lambda g: g.to_dict() if g else None)(dc.guide_for(cap.decoding)), "metrics": {k: round(v, 4) for k, v in s.metrics.items()},
            "tokenizer": s.tokenizer, "notes": s.notes, "features_from_cache": all(v.cache is not None for v in views.values()),
            "seconds": round(time.time() - t0, 1)}
     outdir = Path(out) if out else _default_out(model, data)
@@ -101,12 +99,10 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
 
 
 def _default_out(model: Path, data) -> Path:
-    """The model folder for the default data (Flickr8k); for any other photo set a folder under
-    runs/evaluate/, so scoring a model on other photos never overwrites its shipped metrics."""
-    default = default_data_dir()
-    if data is None or (default is not None and resolve_data_dir(data).resolve() == default.resolve()):
-        return model
-    return REPO_ROOT / "runs" / "evaluate" / f"{Path(model).name}-{resolve_data_dir(data).resolve().stem}"
+    """runs/evaluate/MODEL-DATA: scoring a model never overwrites the metrics.json and captions
+    shipped in its folder unless ``out`` names that folder (``ship`` does)."""
+    label = model.parent.name if model.name == "best" else model.name
+    return REPO_ROOT / "runs" / "evaluate" / f"{label}-{resolve_data_dir(data).resolve().stem}"
 
 
 # Words that carry no content of their own; consensus recall counts the rest.

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from ..atomic import atomic_write_json
+from ..decode_config import DecodeConfig
 from ..bundle import MODELS_DIR, BundleError, load_bundle, read_config
 from ..decoding import rerank_candidates
 from ..encoders import grid_side
@@ -59,9 +60,8 @@ def set_decoding(model: str | Path, beam_size: int, length_penalty: float, reran
     Captioner, the CLI and the app use them unless told otherwise."""
     p = Path(model) / "config.json"
     cfg = json.loads(p.read_text())
-    cfg["decoding"] = {"beam_size": int(beam_size), "length_penalty": float(length_penalty),
-                       **({"rerank": float(rerank)} if rerank else {}),
-                       **({"rerank_pool": int(rerank_pool)} if rerank and rerank_pool else {})}
+    cfg["decoding"] = DecodeConfig(beam_size=int(beam_size), length_penalty=float(length_penalty), rerank=rerank,
+                                   rerank_pool=rerank_pool).to_bundle()
     atomic_write_json(p, cfg)
 
 
@@ -303,8 +303,8 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
     mp = model / MATCHER_CONFIG
     if mp.is_file():
         mi = json.loads(mp.read_text())
-        dec = cfg.get("decoding") or {}
-        w, pool = dec.get("rerank", 0.0), rerank_candidates(dec.get("beam_size", 0), dec.get("rerank_pool", 0))
+        dec = DecodeConfig.from_bundle(cfg)
+        w, pool = dec.rerank, rerank_candidates(dec.beam_size, dec.rerank_pool)
         mc = mi.get("config", {})
         regions, added = bool(mc.get("regions")), mi.get("regions")
 
@@ -315,7 +315,7 @@ def write_card(model: str | Path, command: str, notes: str = "") -> Path:
 
         scan = (f"each word matched to the grid cells it attends to, SCAN text-to-image (Lee et al. 2018), with its "
                 f"own word embeddings and bidirectional GRU in a {mc.get('region_dim')}-d space and its own InfoNCE")
-        text = (f"- **Re-ranking**: " + (f"the {pool} best finished captions of beam {dec.get('beam_size', '?')} search "
+        text = (f"- **Re-ranking**: " + (f"the {pool} best finished captions of beam {dec.beam_size} search "
                                          f"are re-ranked by their score + {w} × the "
                                          + ("similarity" if regions else "cosine") + " between photo and caption of "
                                          if w else "ships ")
