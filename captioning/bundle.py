@@ -30,13 +30,13 @@ from .decode_config import DecodeConfig
 from .decoders import DECODERS, Decoder, build_decoder, decoder_kind
 from .atomic import recover_swap, swap_folder  # noqa: F401 (recover_swap: its old import path)
 from .images import Preprocessing
-from .paths import MODELS_DIR, REPO_ROOT  # noqa: F401 (REPO_ROOT: callers' old import path)
+from .paths import MODELS_DIR, REPO_ROOT, default_model  # noqa: F401 (REPO_ROOT: callers' old import path)
 from .vocab import Vocab
 
 FORMAT = "captioning-bundle"
 VERSION = 1
 CONFIG, VOCAB, WEIGHTS = "config.json", "vocab.json", "model.safetensors"
-DEFAULT_MODEL = MODELS_DIR / "show_attend_tell"
+DEFAULT_MODEL = default_model()  # $CAPTIONING_MODEL, else the shipped show_attend_tell (paths.py)
 
 
 #: Caps on what a model folder may make us read. The shipped models are a few MB of JSON at

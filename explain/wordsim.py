@@ -27,9 +27,11 @@ from typing import Optional, Union
 
 import numpy as np
 
+from captioning.paths import ASSETS
+
 from .embeddings import EmbeddingSpace
 
-CATEGORIES_PATH = Path(__file__).resolve().parent.parent / "assets" / "word_categories.json"
+CATEGORIES_PATH = ASSETS / "word_categories.json"
 BENCHMARKS = {"wordsim353": "wordsim353.tsv", "simlex999": "simlex999.txt"}
 
 
