@@ -287,3 +287,19 @@ def test_concept_maps_point_at_the_concept(tmp_path):
         assert m.shape == (224, 224) and np.isfinite(m).all() and m.std() > 0, method
     with pytest.raises(ValueError, match="unknown concept"):
         concept_map(t, im, "nope")
+
+
+def test_thresholds_fall_back_to_one_global_threshold_for_rare_concepts():
+    from captioning.lab.tagging import choose_thresholds, thresholds_for
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((200, 2), np.uint8)
+    y[:100, 0] = 1  # common concept
+    y[:3, 1] = 1  # rare concept: 3 positives
+    probs = np.clip(y * 0.5 + rng.random((200, 2)) * 0.5, 0, 1)
+    t = thresholds_for(probs, y, min_positives=50)
+    g = thresholds_for(probs, y, min_positives=10**9)
+    assert g[0] == g[1]  # one global threshold
+    assert t[1] == g[1]  # the rare concept keeps the global one
+    thr, rule = choose_thresholds(probs, y)
+    assert thr.shape == (2,) and "global" in rule["cv_micro_f1"]
