@@ -5,9 +5,7 @@ import copy
 import weakref
 from typing import Optional, Union
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from captioning.images import ImageInput, Preprocessing, load_image, preprocess
@@ -58,38 +56,6 @@ def fmap_to_grid(fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, h, w) -> grid (B, h*w, C), pooled (B, C), exactly as ``Encoder.forward``."""
     grid = fmap.flatten(2).transpose(1, 2)
     return grid, grid.mean(1)
-
-
-def image_array(image: Union[Image.Image, np.ndarray, torch.Tensor], prep: Preprocessing = Preprocessing()
-                ) -> np.ndarray:
-    """PIL image, (H, W, 3) array (uint8 or float in [0, 1]) or normalised (3, S, S) tensor
-    -> a new float32 (H, W, 3) array in [0, 1]."""
-    if isinstance(image, torch.Tensor):
-        from captioning.images import unnormalize
-
-        x = image.detach()
-        return unnormalize(x[0] if x.dim() == 4 else x, prep).astype(np.float32)
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, 2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"expected an (H, W, 3) image array, got shape {a.shape}")
-    a = a[:, :, :3]
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    return np.clip(a.astype(np.float32), 0.0, 1.0)
-
-
-def resize_map(m: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a 2-D float map to (height, width); returns a new float32 array."""
-    m = np.asarray(m, dtype=np.float32)
-    if m.shape == (height, width):
-        return m.copy()
-    t = torch.from_numpy(np.ascontiguousarray(m))[None, None]
-    return torch.nn.functional.interpolate(t, size=(height, width), mode="bilinear",
-                                           align_corners=False)[0, 0].numpy().copy()
 
 
 # (conv, batch-norm) attribute pairs where the forward pass runs bn(conv(x)): the

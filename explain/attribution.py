@@ -54,9 +54,9 @@ from torch import nn
 
 from captioning.images import Preprocessing
 
-from ._utils import (PixelsLike, as_pixels, contiguous_grad, fmap_to_grid, image_array, inference_encoder,
-                     resize_map)
+from ._utils import PixelsLike, as_pixels, contiguous_grad, fmap_to_grid, inference_encoder
 from .encoder import _run_to, layer_info, list_layers
+from .maps import heatmap, normalize_map, overlay  # noqa: F401 (overlays were defined here; callers import them)
 
 METHODS: tuple[str, ...] = ("integrated_gradients", "smoothgrad", "gradient_shap", "occlusion", "grad_cam",
                             "attention")
@@ -542,58 +542,3 @@ def available_methods(captioner) -> list[str]:
     """The methods that apply to this captioner (``attention`` only with an attention decoder)."""
     has_att = getattr(captioner.decoder, "has_attention", False)
     return [m for m in METHODS if m != "attention" or has_att]
-
-
-# --------------------------------------------------------------------------- overlays
-
-def normalize_map(m: np.ndarray, signed: bool = False, percentile: float = 99.5) -> np.ndarray:
-    """Scale a map for display; returns a new float32 array.
-
-    Args:
-        m: (H, W) map.
-        signed: keep the sign: result in [-1, 1] (divided by the ``percentile`` of |m|);
-            otherwise negative values are clipped and the result is in [0, 1].
-        percentile: robust maximum, so a few extreme pixels do not wash the map out.
-    Returns:
-        (H, W) float32.
-    """
-    a = np.asarray(m, dtype=np.float32)
-    v = np.abs(a) if signed else np.clip(a, 0, None)
-    top = float(np.percentile(v, percentile)) if v.size else 0.0
-    if top <= 0:
-        top = float(v.max()) if v.size else 0.0
-    if top <= 0:
-        return np.zeros_like(a)
-    return np.clip(a / top, -1.0 if signed else 0.0, 1.0).astype(np.float32)
-
-
-def heatmap(m: np.ndarray, cmap: str = "jet", signed: bool = False) -> np.ndarray:
-    """A map -> colours. Args: m (H, W). Returns: new (H, W, 3) float32 RGB in [0, 1].
-    With ``signed`` a diverging colormap ("bwr" unless given) is centred on zero."""
-    from matplotlib import colormaps
-
-    n = normalize_map(m, signed=signed)
-    if signed:
-        cm = colormaps["bwr" if cmap == "jet" else cmap]
-        return cm((n + 1) / 2)[..., :3].astype(np.float32)
-    return colormaps[cmap](n)[..., :3].astype(np.float32)
-
-
-def overlay(image, m: np.ndarray, alpha: float = 0.5, cmap: str = "jet", signed: bool = False) -> np.ndarray:
-    """Blend a heat map over an image. Inputs are never modified.
-
-    Args:
-        image: PIL image, (H, W, 3) array (uint8 or float in [0, 1]) or normalised (3, S, S) tensor.
-        m: (h, w) map at any size; it is resized (bilinear) to the image's (H, W).
-        alpha: heat-map opacity, scaled per pixel by the map's normalised strength so that
-            cold regions show the image.
-    Returns:
-        A new (H, W, 3) float32 array in [0, 1].
-    """
-    img = image_array(image)
-    H, W = img.shape[:2]
-    mm = resize_map(np.asarray(m, dtype=np.float32), H, W)
-    heat = heatmap(mm, cmap=cmap, signed=signed)
-    strength = np.abs(normalize_map(mm, signed=signed))[..., None]
-    a = float(alpha) * (0.3 + 0.7 * strength)
-    return np.clip((1 - a) * img + a * heat, 0.0, 1.0).astype(np.float32)

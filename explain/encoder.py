@@ -33,6 +33,7 @@ from captioning.encoders import Encoder, imagenet_topk
 from captioning.images import Preprocessing
 
 from ._utils import PixelsLike, as_pixels
+from .maps import overlay
 
 
 class _Stop(Exception):
@@ -150,8 +151,6 @@ def channel_montage(image, acts: np.ndarray, channels: Sequence[int], alpha: flo
     Returns:
         One new (H, W, 3) float32 array in [0, 1] per channel (each map scaled on its own).
     """
-    from .attribution import overlay
-
     return [overlay(image, np.asarray(acts[c], dtype=np.float32), alpha=alpha, cmap=cmap) for c in channels]
 
 

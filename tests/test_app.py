@@ -346,7 +346,7 @@ def test_faithfulness_verdict_needs_both_curves():
 def test_faithfulness_service_tells_a_good_map_from_bad_ones():
     """On the toy captioner the colour word comes only from the square: a map that ranks the
     square first beats the random order; the same map reversed, or a random map, does not."""
-    from explain.toy import cached_toy_captioner, toy_image, toy_mask
+    from toy import cached_toy_captioner, toy_image, toy_mask
 
     cap = cached_toy_captioner("show_attend_tell")
     img = toy_image("red", (3, 4), seed=11)

@@ -9,7 +9,7 @@ from PIL import Image
 from explain.attribution import (METHODS, Attribution, attribute, attribute_caption,
                                  available_methods, grad_cam_all_words, heatmap, make_baseline, normalize_map,
                                  overlay, word_scorer)
-from explain.toy import ToyEncoder, cached_toy_captioner, toy_image, toy_mask
+from toy import ToyEncoder, cached_toy_captioner, toy_image, toy_mask
 
 torch.set_num_threads(1)
 KINDS = ("show_attend_tell", "show_tell", "merge")

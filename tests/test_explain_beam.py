@@ -10,7 +10,7 @@ import torch
 from captioning.api import Captioner
 from captioning.decoders import build_decoder
 from explain.beam import beam_tree
-from explain.toy import ToyEncoder, cached_toy_captioner, toy_image, toy_vocab
+from toy import ToyEncoder, cached_toy_captioner, toy_image, toy_vocab
 
 torch.set_num_threads(1)
 

@@ -120,7 +120,7 @@ def test_projection_saved_in_bundle_folder_and_reused(space, tmp_path, monkeypat
 
 
 def test_embedding_space_from_a_decoder_skips_specials():
-    from explain.toy import cached_toy_captioner
+    from toy import cached_toy_captioner
 
     cap = cached_toy_captioner("merge")
     sp = embedding_space(cap.decoder, cap.vocab, "input")

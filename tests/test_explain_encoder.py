@@ -8,7 +8,7 @@ import torch
 from captioning.images import preprocess
 from explain.encoder import (activations, channel_montage, clear_memory_cache, feature_visualisation,
                              imagenet_top5, layer_info, list_layers, top_channels)
-from explain.toy import ToyEncoder, toy_image
+from toy import ToyEncoder, toy_image
 
 torch.set_num_threads(1)
 

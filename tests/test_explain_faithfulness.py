@@ -11,7 +11,7 @@ import torch
 from explain.attribution import attribute, grad_cam_all_words, word_scorer
 from explain.faithfulness import (auc, block_scores, deletion_insertion, map_order, model_randomisation,
                                   perturbation_curve, random_baselines, random_order, randomise_weights)
-from explain.toy import cached_toy_captioner, toy_image, toy_mask
+from toy import cached_toy_captioner, toy_image, toy_mask
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent

@@ -28,3 +28,15 @@ def test_core_modules_import_nothing_from_the_lab_at_module_level():
             f"for m in {core!r}: importlib.import_module('captioning.' + m)\n"
             "print(sorted(m for m in sys.modules if m.startswith('captioning.lab')))")
     assert _run(code) == "[]"
+
+
+def test_explain_encoder_and_attribution_do_not_import_each_other():
+    code = ("import sys, explain.encoder\n"
+            "print('explain.attribution' in sys.modules)")
+    assert _run(code) == "False"
+    src = (REPO / "explain" / "encoder.py").read_text()
+    assert "attribution" not in src.replace("attribution map", "")  # not even lazily
+
+
+def test_the_toy_captioner_is_a_test_fixture_not_shipped():
+    assert not (REPO / "explain" / "toy.py").exists() and (REPO / "tests" / "toy.py").is_file()
