@@ -3,5 +3,6 @@ Show-Attend-and-Tell LSTM decoders, batched beam search, and safe model bundles.
 __version__ = "0.1.0"
 
 from .api import Captioner, CaptionResult  # noqa: E402
+from .decode_config import DecodeConfig  # noqa: E402
 
-__all__ = ["Captioner", "CaptionResult", "__version__"]
+__all__ = ["Captioner", "CaptionResult", "DecodeConfig", "__version__"]
