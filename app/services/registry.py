@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from captioning.bundle import MODELS_DIR, BundleError, read_config
+from captioning.decode_config import DecodeConfig
 from captioning.lab.published import PUBLISHED
 
 from app.services import COMPUTE_LOCK
@@ -79,10 +80,10 @@ def list_models(root: Optional[Path] = None) -> list[ModelInfo]:
             w = d / "model.safetensors"
             stamp = w.stat().st_mtime if w.is_file() else 0.0
             err = None if w.is_file() else f"{w}: missing"
-            dec = cfg.get("decoding") or {}
-            lp, rerank = float(dec.get("length_penalty", 0.0)), float(dec.get("rerank", 0.0))
+            dec = DecodeConfig.from_bundle(cfg)  # read_config has checked it
             out.append(ModelInfo(d.name, str(d), kind, str(cfg["encoder"].get("name", "")),
-                                 kind == "show_attend_tell", err, stamp, lp, rerank, int(dec.get("rerank_pool", 0))))
+                                 kind == "show_attend_tell", err, stamp, dec.length_penalty, dec.rerank,
+                                 dec.rerank_pool))
         except (BundleError, KeyError, TypeError, AttributeError, OSError) as e:
             out.append(ModelInfo(d.name, str(d), error=str(e).splitlines()[0]))
     rank = {n: i for i, n in enumerate(MODEL_ORDER)}
