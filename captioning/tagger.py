@@ -80,6 +80,7 @@ class ImageTaggerConfig(_Config):
     hidden_dim: int = 512
     dropout: float = 0.3
     prior: float = 0.02  # initial photo-level probability of every concept (sets the output bias)
+    global_instance: bool = False  # the pooled features are one more instance of the noisy-OR (the whole photo)
 
 
 @dataclass
@@ -130,11 +131,18 @@ class ImageTagger(nn.Module):
         q = 1 - (1 - c.prior) ** (1 / 49)
         nn.init.constant_(self.out.bias, math.log(q / (1 - q)))
 
+    def instances(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(F.relu(self.hidden(self.drop(x)))))
+
     def regions(self, grid: torch.Tensor) -> torch.Tensor:
-        return self.out(self.drop(F.relu(self.hidden(self.drop(grid)))))  # (B, P, K)
+        """(B, P, C) -> (B, P, K) logits of the grid cells (the location maps)."""
+        return self.instances(grid)
 
     def forward(self, grid: torch.Tensor, pooled: Optional[torch.Tensor] = None, tokens=None) -> torch.Tensor:
-        return noisy_or(self.regions(grid))
+        if self.config.global_instance:
+            # the whole photo as a 50th instance: scene-level concepts ("beach", "run") need not sit in one cell
+            grid = torch.cat([grid, grid.mean(1, keepdim=True) if pooled is None else pooled[:, None]], 1)
+        return noisy_or(self.instances(grid))
 
 
 class CaptionEncoder(nn.Module):

@@ -172,6 +172,7 @@ class TagTrainConfig:
     joint_image_dim: int = 128  # the joint network's projection of the pooled image features
     pos_weight_power: float = 0.5
     pos_weight_cap: float = 30.0
+    global_instance: bool = False  # image network: the pooled features as one more noisy-OR instance
     flip_prob: float = 0.5  # image networks: share of photos read with the feature grid mirrored
     min_count: int = 5  # text networks' vocabulary
     max_tokens: int = 32
@@ -185,7 +186,8 @@ class TagTrainConfig:
 
 def network_config(cfg: TagTrainConfig, n_concepts: int, feature_dim: int, vocab_size: int) -> dict:
     if cfg.network == "image":
-        return dict(n_concepts=n_concepts, feature_dim=feature_dim, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout)
+        return dict(n_concepts=n_concepts, feature_dim=feature_dim, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout,
+                    global_instance=cfg.global_instance)
     if cfg.network == "text":
         return dict(n_concepts=n_concepts, vocab_size=vocab_size, embed_dim=cfg.embed_dim, hidden_dim=cfg.embed_dim,
                     dropout=cfg.dropout)
@@ -737,6 +739,9 @@ def add_commands(sub) -> None:
     tr.add_argument("--features", default=str(DEFAULT_FEATURES))
     tr.add_argument("--resume", action="store_true")
     for f in fields(TagTrainConfig):
+        if str(f.type) == "bool":
+            tr.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_const", const=True, default=None)
+            continue
         typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
         tr.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=None, help=f"default {f.default}")
     tr.set_defaults(fn=_cmd_train)
