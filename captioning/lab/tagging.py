@@ -607,7 +607,8 @@ def ship_tagger(run: str | Path, dest: str | Path = DEFAULT_TAGGER, data: Option
         commands = ["python -m captioning extract-features"]
         for k in nets:
             tc = training[k]["train_config"]
-            opts = "".join(f" --{n.replace('_', '-')} {v}" for n, v in tc.items() if n != "network" and default.get(n) != v)
+            opts = "".join(f" --{n.replace('_', '-')}" + ("" if v is True else f" {v}")
+                           for n, v in tc.items() if n != "network" and default.get(n) != v)
             commands.append(f"python -m captioning train-tagger --network {k} --out {run}{opts}")
         commands.append(f"python -m captioning ship-tagger {run}")
     write_bundle(Path(dest), td.space, td.vocab, nets, thresholds, cfg.encoder,
@@ -631,7 +632,8 @@ def write_card(dest: Path, res: dict, training: dict, commands: list[str]) -> No
              f"{res['n_concepts']} visual concepts mined from the Flickr8k training captions (`concepts.json`: each "
              "concept, how many training photos it labels, the word forms that name it); a concept is a label of a "
              "photo when at least 2 of its 5 captions use it. Networks on the frozen `efficientnet-lite0` features "
-             "(see `docs/tagger.md`). Per-concept thresholds were tuned on the dev split; fp16 safetensors.", "",
+             "(see `docs/tagger.md`). Thresholds were chosen on the dev split: one global threshold, and a concept's "
+             "own only where it has enough dev positives (`tagger.json` `thresholds`); fp16 safetensors.", "",
              f"## Test split ({res['n_images']} photos)", "",
              "| network | micro-F1 | macro-F1 | mAP | micro precision | micro recall |", "|---|---|---|---|---|---|"]
     for k, v in m.items():
