@@ -155,6 +155,11 @@ WORD_CSS = ("<style>[data-testid='stButtonGroup'] div{flex-wrap:wrap !important;
             "text-overflow:clip;max-width:none;}</style>")
 
 
+#: Let st.metric labels wrap instead of ending in "…" in a narrow column (800 px wide windows).
+METRIC_CSS = ("<style>[data-testid='stMetricLabel'], [data-testid='stMetricLabel'] *{white-space:normal !important;"
+              "overflow:visible !important;text-overflow:clip !important;max-width:none !important;}</style>")
+
+
 def word_picker(words, probs, key: str, label: str = "Word") -> int:
     """One word control for every page: the caption's words as buttons that wrap, each with the
     model's probability for it; the first content word ("dog", not "a") is selected at first."""

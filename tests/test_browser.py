@@ -209,9 +209,22 @@ def check_words(page, where: str) -> list[dict]:
     return words
 
 
+METRIC_LABELS_JS = """() => [...document.querySelectorAll('[data-testid="stMetricLabel"]')].map(l => ({
+  text: l.innerText.trim(),
+  clipped: l.innerText.includes('…') || [l, ...l.querySelectorAll('*')].some(
+      e => e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflow !== 'visible')}))"""
+
+
+def check_metric_labels(page, where: str) -> None:
+    """Every st.metric label on the page is shown whole (not cut to "CIDEr-D (this ph…")."""
+    page.locator('[data-testid="stMetricLabel"]').first.wait_for(timeout=120_000)
+    labels = page.evaluate(METRIC_LABELS_JS)
+    assert labels and not [m["text"] for m in labels if m["clipped"]], f"{where}: clipped metric labels {labels}"
+
+
 def test_tour_at_two_widths(server, browser):
     """Every page at 1400 and 800 px wide, screenshots in test-artifacts/tour_*.png. On the
-    Caption page (a Flickr8k dog photo from the example row): no word cut short, the first
+    Caption page (a Flickr8k dog photo from the example row): no word or metric label cut short, the first
     content word selected, the faithfulness badge after the check; on the Explain page the same
     word control and the random-order band in the deletion/insertion figure."""
     for width in (1400, 800):
@@ -237,6 +250,7 @@ def _tour(page, server, width: int) -> None:
         page.locator(".colour-scale").first.wait_for()
         idle(page)  # check and click once the page's run is over, as a person would
         check_words(page, f"caption page at {width} px")
+        check_metric_labels(page, f"caption page at {width} px")
         page.get_by_role("button", name="Check this map's faithfulness").click()
         page.get_by_text(re.compile(r"faithfulness: (faithful|inside the random band|worse than random)")).first.wait_for()
         page.get_by_text("A faithful map is not a correct caption").first.wait_for()

@@ -29,14 +29,15 @@ if cur.image is not None:
 if not ui.require_image(cur, show_examples=True):
     st.stop()
 
+model = ui.require_captioner(cur)
+if model is None:
+    st.stop()
+ui.guide_toggle(cur, model)  # full width: its label stays whole in an 800 px window
+
 left, right = st.columns([5, 6], gap="large")
 left.image(cur.image, caption=f"{cur.label} · {cur.note}", width="stretch")
 
 with right:
-    model = ui.require_captioner(cur)
-    if model is None:
-        st.stop()
-    ui.guide_toggle(cur, model)
     model, out = ui.current_caption(cur, model)
     if out is None:
         st.stop()
@@ -68,6 +69,7 @@ with right:
             s = ui.scores(out.text, tuple(refs))
             # CIDEr-D leads: it rewards the content words a caption shares with the references and
             # is meaningful on one photo; BLEU-4 needs a shared 4-word run and is often 0 on one photo.
+            st.markdown(ui.METRIC_CSS, unsafe_allow_html=True)
             c1, c2 = st.columns(2)
             if "CIDEr" in s:
                 c1.metric("CIDEr-D (this photo)", f"{s['CIDEr']:.3f}",
