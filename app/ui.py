@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import streamlit as st
 
-from app.services import captions, embeddings, explanations, photos, registry
+from app.services import captions, concepts, embeddings, explanations, photos, registry
 from captioning.images import ImageError
 
 # --------------------------------------------------------------------------- cached wrappers
@@ -33,6 +33,22 @@ def captioner(model_key: str, path: str, encoder_name: str):
     """One Captioner per bundle (and weights' mtime); bundles with one encoder share it."""
     return registry.load_captioner(path, encoder=encoder(encoder_name) if encoder_name else None)
 
+
+
+@st.cache_resource(show_spinner="Loading the concept tagger...", max_entries=2)
+def concept_tagger(path: str, encoder_name: str, _captioner):
+    """The tagger bundle at ``path``, sharing the captioner's encoder when it has one."""
+    return concepts.load_tagger(path, _captioner.encoder if _captioner is not None else None, encoder_name)
+
+
+@st.cache_data(show_spinner=False, max_entries=24)
+def concept_tags(path: str, digest: str, caption: str, _tagger, _image):
+    return concepts.tag(_tagger, _image, caption or None)
+
+
+@st.cache_data(show_spinner=False, max_entries=48)
+def concept_map(path: str, digest: str, concept: str, method: str, _tagger, _image):
+    return concepts.concept_map(_tagger, _image, concept, method)
 
 # Per-photo caches hold megabytes an entry (pixels, full-size maps): a few dozen photos are
 # plenty for going back and forth, and 100 uploads in a row must not pile up (bench/bench_memory.py).

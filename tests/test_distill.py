@@ -150,14 +150,18 @@ def test_ship_a_distilled_run(synth, features_dir, two_views, tmp_path):
     def commands(model):
         return (tmp_path / "models" / model / "MODEL_CARD.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
 
-    xe224 = ("python -m captioning train --decoder show_attend_tell --out runs/sat224 --epochs 3 --lr-patience 100 "
-             "--patience 100 --deep-output")
-    xe288 = ("python -m captioning train --decoder show_tell --out runs/st288 --epochs 3 --lr-patience 100 "
-             "--patience 100 --image-size 288 --feature-dropout 0.1")
+    # Every setting the runs were trained with that is not TrainConfig's default, read from the
+    # records: the decoders' sizes, the batch size, the learning rate.
+    xe224 = ("python -m captioning train --decoder show_attend_tell --out runs/sat224 --epochs 3 --batch-size 8 "
+             "--lr 0.01 --lr-patience 100 --patience 100 --min-count 1 --checkpoint-every 0 --embed-dim 32 "
+             "--hidden-dim 32 --attention-dim 32 --deep-output")
+    xe288 = ("python -m captioning train --decoder show_tell --out runs/st288 --epochs 3 --batch-size 8 --lr 0.01 "
+             "--lr-patience 100 --patience 100 --feature-dropout 0.1 --image-size 288 --min-count 1 "
+             "--checkpoint-every 0 --embed-dim 32 --hidden-dim 32")
     round1 = ["python -m captioning evaluate --model runs/sat224/best runs/st288/best --split train --beam 2 "
               "--length-penalty 0.5 --out runs/teacher",
               "python -m captioning train --init runs/sat224/best --extra-captions runs/teacher/captions_train.json "
-              "--out runs/student --epochs 1 --lr 0.001 --batch-size 8 --lr-patience 1 --patience 4"]
+              "--out runs/student --epochs 1 --batch-size 8 --lr 0.001 --checkpoint-every 0"]
     assert commands("sat") == ["python -m captioning extract-features --image-size 288", xe224, xe288, *round1,
                                "python -m captioning ship runs/student --name sat --beam 3 --length-penalty 0.0"]
     assert commands("sat2") == [
@@ -165,7 +169,7 @@ def test_ship_a_distilled_run(synth, features_dir, two_views, tmp_path):
         "python -m captioning evaluate --model runs/student/best runs/st288/best --split train --beam 2 "
         "--length-penalty 0.5 --out runs/teacher2",
         "python -m captioning train --init runs/sat224/best --extra-captions runs/teacher2/captions_train.json "
-        "--out runs/student2 --epochs 1 --lr 0.001 --batch-size 8 --lr-patience 1 --patience 4",
+        "--out runs/student2 --epochs 1 --batch-size 8 --lr 0.001 --checkpoint-every 0",
         "python -m captioning ship runs/student2 --name sat2 --beam 3 --length-penalty 0.0"]
 
 
@@ -183,5 +187,6 @@ def test_card_outlives_the_teachers_run_folder(synth, features_dir, two_views, t
     shutil.rmtree(tmp_path / "st288")
     assert main(["ship", str(tmp_path / "student"), "--name", "sat", "--dest", str(tmp_path / "models"), *args]) == 0
     card = (tmp_path / "models" / "sat" / "MODEL_CARD.md").read_text()
-    assert ("python -m captioning train --decoder show_tell --out runs/st288 --epochs 3 --lr-patience 100 "
-            "--patience 100 --image-size 288 --feature-dropout 0.1") in card
+    assert ("python -m captioning train --decoder show_tell --out runs/st288 --epochs 3 --batch-size 8 --lr 0.01 "
+            "--lr-patience 100 --patience 100 --feature-dropout 0.1 --image-size 288 --min-count 1 "
+            "--checkpoint-every 0 --embed-dim 32 --hidden-dim 32") in card

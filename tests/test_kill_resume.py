@@ -142,10 +142,19 @@ TRAIN = """
     def slow(*a, **k):  # timing only: a batch takes 0.15 s longer
         time.sleep(0.15)
         return real(*a, **k)
-    tr.caption_loss = slow
+    if sys.argv[5] == "slow":
+        tr.caption_loss = slow
     cfg = tr.TrainConfig(**json.loads(sys.argv[3]))
-    tr.train(sys.argv[1], sys.argv[2], cfg, features=sys.argv[4], progress=False)
+    tr.train(sys.argv[1], sys.argv[2], cfg, features=sys.argv[4], progress=False, resume=sys.argv[6] == "resume")
 """
+
+
+def train_in_process(*args: str) -> None:
+    """Training run to its end in a process like the killed one (one thread), so that the runs
+    compared do the same arithmetic: a BLAS picks kernels by thread count."""
+    proc = start(TRAIN, *args)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
 
 
 def _metric_rows(run: Path) -> int:
@@ -167,7 +176,7 @@ def test_training_killed_mid_epoch_loses_at_most_that_epoch(synth, features_dir,
     # Features first, so that the killed process only trains.
     extract_features(load_dataset(str(synth.root)), cfg.encoder, features_dir, progress=False)
     run = tmp_path / "killed"
-    proc = start(TRAIN, str(synth.root), str(run), json.dumps(cfg.__dict__), str(features_dir))
+    proc = start(TRAIN, str(synth.root), str(run), json.dumps(cfg.to_dict()), str(features_dir), "slow", "new")
     # Killed inside epoch 2: epoch 1 validated and saved, then about 3 of epoch 2's 6 batches
     # (0.15 s each at least), around its mid-epoch checkpoint at batch 4.
     since = []
@@ -188,13 +197,15 @@ def test_training_killed_mid_epoch_loses_at_most_that_epoch(synth, features_dir,
     load_bundle(run / "best")
     assert not (run / "checkpoint.tmp").exists()
 
-    # Resumed, the run ends where one that was never killed ends. The first epoch ran in another
-    # process, and a BLAS may round a matrix product differently there (its kernel can depend on
-    # buffer alignment), so weights are compared to float precision; the random state and the
-    # optimiser's step count must match exactly. A resume that lost the random state, the
-    # optimiser's moments or the batch position is off by orders of magnitude more.
-    train(str(synth.root), run, cfg, features=features_dir, progress=False, resume=True)
-    whole = train(str(synth.root), tmp_path / "whole", cfg, features=features_dir, progress=False)
+    # Resumed, the run ends where one that was never killed ends. All three runs train in the
+    # same kind of process; weights are still compared to float precision (a BLAS may round a
+    # product differently with the buffers' alignment), the random state and the optimiser's
+    # step count exactly. A resume that lost the random state, the optimiser's moments or the
+    # batch position is off by orders of magnitude more.
+    args = (str(synth.root), json.dumps(cfg.to_dict()), str(features_dir), "fast")
+    train_in_process(args[0], str(run), *args[1:], "resume")
+    whole = tmp_path / "whole"
+    train_in_process(args[0], str(whole), *args[1:], "new")
     a = load_file(str(run / "checkpoint" / "state.safetensors"))
     b = load_file(str(whole / "checkpoint" / "state.safetensors"))
     assert a.keys() == b.keys()

@@ -182,7 +182,7 @@ def test_scst_ddp_two_ranks_end_identical(synth, features_dir, tmp_path):
     from test_train import run_ddp
 
     xe, cfg = _xe_then_scst(synth, features_dir, tmp_path, epochs=1, lr=1e-3, seed=3)
-    w0, w1, _, _ = run_ddp(synth, features_dir, tmp_path / "ddp", {k: v for k, v in vars(cfg).items()})
+    w0, w1, _, _ = run_ddp(synth, features_dir, tmp_path / "ddp", cfg.to_dict())
     start, _, _ = load_bundle(xe / "best")
     assert w0.keys() == w1.keys()
     for k in w0:

@@ -12,21 +12,6 @@ from app.services import NotAvailable, concepts, figures
 from app import ui
 
 
-@st.cache_resource(show_spinner="Loading the concept tagger...", max_entries=2)
-def _tagger(path: str, encoder_name: str, _captioner):
-    return concepts.load_tagger(path, _captioner.encoder if _captioner is not None else None, encoder_name)
-
-
-@st.cache_data(show_spinner=False, max_entries=24)
-def _tags(path: str, digest: str, caption: str, _tagger, _image):
-    return concepts.tag(_tagger, _image, caption or None)
-
-
-@st.cache_data(show_spinner=False, max_entries=48)
-def _map(path: str, digest: str, concept: str, method: str, _tagger, _image):
-    return concepts.concept_map(_tagger, _image, concept, method)
-
-
 cur = ui.current()
 st.title("Concepts")
 st.caption("What the photo shows, by a concept tagger that does not read the caption: a few hundred concepts mined "
@@ -46,12 +31,12 @@ if model is not None:
     _, out = ui.current_caption(cur, model)
     caption_text = out.text if out is not None else ""
 try:
-    tagger = _tagger(str(path), cur.model.encoder if cur.model else "", model)
+    tagger = ui.concept_tagger(str(path), cur.model.encoder if cur.model else "", model)
 except Exception as e:  # noqa: BLE001 - BundleError and whatever a damaged folder raises: shown, not a crash
     st.error(f"The concept tagger cannot be loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     st.stop()
 
-res = _tags(str(path), cur.digest, caption_text, tagger, cur.full)
+res = ui.concept_tags(str(path), cur.digest, caption_text, tagger, cur.full)
 left, right = st.columns([5, 6], gap="large")
 left.image(cur.image, caption=cur.label, width="stretch")
 with right:
@@ -87,7 +72,7 @@ method = c2.radio("Map", list(concepts.METHOD_TITLES), key="concept_method", hor
                        "and to the pixels, as the Explain page does for caption words.")
 try:
     with st.spinner("Computing the map..."):
-        m = _map(str(path), cur.digest, concept, method, tagger, cur.full)
+        m = ui.concept_map(str(path), cur.digest, concept, method, tagger, cur.full)
     st.image(figures.to_uint8(figures.map_overlay(cur.image, m, method)), width=360,
              caption=f"{concept} · {concepts.METHOD_TITLES[method]}")
     st.markdown(figures.colour_scale_html(figures.map_normalisation(method)), unsafe_allow_html=True)

@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from ..cli import decode_args
 from .tagging import add_commands as add_tagger_commands  # tag, train-tagger, ship-tagger, evaluate-tagger
-from .train import DEFAULT_FEATURES, TrainConfig
+from .train import DEFAULT_FEATURES, DecoderOptions, TrainConfig
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
@@ -23,9 +23,10 @@ def cmd_extract(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .train import DecoderOptions, TrainConfig, train
 
-    overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
+    names = [f.name for f in fields(TrainConfig) if f.name != "model"] + [f.name for f in fields(DecoderOptions)]
+    overrides = {n: getattr(a, n) for n in names if getattr(a, n, None) is not None}
     cfg = TrainConfig(**overrides)
     run = train(a.data, a.out, cfg, features=a.features, resume=a.resume)
     print(f"run folder: {run}; best bundle: {run / 'best'}")
@@ -127,7 +128,7 @@ def add_commands(sub) -> None:
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--features", default=str(DEFAULT_FEATURES))
     t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
-    for f in fields(TrainConfig):
+    for f in [f for f in fields(TrainConfig) if f.name != "model"] + list(fields(DecoderOptions)):
         if f.type in ("bool", bool):
             t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_const", const=True, default=None)
         else:

@@ -4,15 +4,18 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 from ..atomic import atomic_write_json
 from ..decode_config import DecodeConfig
 from ..bundle import MODELS_DIR, BundleError, load_bundle, read_config
+from ..decoders import DECODERS
 from ..decoding import rerank_candidates
 from ..encoders import grid_side
 from ..matcher import MATCHER_CONFIG
 from .published import card_reference
+from .train import DecoderOptions, TrainConfig
 
 
 def ship(run: str | Path, name: str, dest_root: str | Path = MODELS_DIR) -> Path:
@@ -71,15 +74,37 @@ def _run_name(bundle: str | Path) -> str:
     return f"runs/{b.parent.name if b.name == 'best' else b.name}"
 
 
-def _train_command(tc: dict, out: str) -> str:
-    """The cross-entropy training that ``tc`` (a run's TrainConfig as a dict) records."""
-    size = f" --image-size {tc['image_size']}" if tc.get("image_size", 224) != 224 else ""
-    return (f"python -m captioning train --decoder {tc['decoder']} --out {out} --epochs {tc['epochs']} "
-            f"--lr-patience {tc['lr_patience']} --patience {tc['patience']}{size}"
-            + (f" --flip-prob {tc['flip_prob']}" if tc.get("flip_prob") else "")
-            + (f" --feature-dropout {tc['feature_dropout']}" if tc.get("feature_dropout") else "")
-            + (" --deep-output" if tc.get("deep_output") else "")
-            + (" --tie-weights" if tc.get("tie_weights") else ""))
+#: Recorded settings a recipe never spells as flags: where the run starts and what it reads
+#: besides the references are given by the recipe's own earlier steps.
+_NOT_FLAGS = ("init", "extra_captions")
+
+
+def _train_command(tc: dict, out: str, init: str = "", extra_captions: str = "") -> str:
+    """The ``train`` command that ``tc`` (a run's TrainConfig record, ``TrainConfig.to_dict``)
+    records, made from the record itself: every setting that differs from TrainConfig's default
+    becomes its flag, so an option added to TrainConfig reaches the card with no code here.
+    A run that starts from ``init`` takes its decoder, encoder and image size from there."""
+    default = TrainConfig().to_dict()
+    known = TrainConfig.from_dict(tc).to_dict()  # an older record: its missing settings were the defaults
+    parts = ["python -m captioning train"]
+    parts += [f"--init {init}"] if init else [f"--decoder {known['decoder']}"]
+    if known["scst"]:
+        parts.append("--scst")  # what kind of run it is, first
+    if extra_captions:
+        parts.append(f"--extra-captions {extra_captions}")
+    parts.append(f"--out {out}")
+    own = {f.name for f in fields(DECODERS[known["decoder"]][1])} if known["decoder"] in DECODERS else set()
+    # Options of another decoder are recorded but mean nothing; a run from ``init`` has its decoder.
+    skip = set(_NOT_FLAGS) | {"decoder", "scst"} | {f.name for f in fields(DecoderOptions) if init or f.name not in own}
+    if init:
+        skip |= {"encoder", "image_size"}
+    for k, d in default.items():
+        v = known[k]
+        if k in skip or v == d:
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts.append(flag if isinstance(d, bool) else f"{flag} {v}")
+    return " ".join(parts)
 
 
 def _teacher(training: dict) -> tuple[dict, list[str]]:
@@ -136,9 +161,7 @@ def _recipe(training: dict, out: str, inputs: set[tuple[int, bool]]) -> list[str
     init = Path(cfg["init"])
     lines = _recipe(training.get("init_training") or {}, _run_name(init), inputs)
     if cfg.get("scst"):
-        lines.append(f"python -m captioning train --init {_run_name(init)}/best --scst --out {out} --epochs {cfg['epochs']} "
-                     f"--lr {cfg['lr']} --batch-size {cfg['batch_size']} --scst-samples {cfg['scst_samples']} "
-                     f"--scst-max-len {cfg['scst_max_len']} --lr-patience {cfg['lr_patience']} --patience {cfg['patience']}")
+        lines.append(_train_command(cfg, out, init=f"{_run_name(init)}/best"))
         return lines
     extra = ""
     if cfg.get("extra_captions"):
@@ -158,10 +181,8 @@ def _recipe(training: dict, out: str, inputs: set[tuple[int, bool]]) -> list[str
         lines.append(f"python -m captioning evaluate --model {' '.join(f'{_run_name(m)}/best' for m in members)} "
                      f"--split {teacher.get('split', 'train')} --beam {teacher.get('beam_size', 3)} "
                      f"--length-penalty {teacher.get('length_penalty', 0.0)} --out {folder}")
-        extra = f" --extra-captions {folder}/{captions.name}"
-    lines.append(f"python -m captioning train --init {_run_name(init)}/best{extra} --out {out} --epochs {cfg['epochs']} "
-                 f"--lr {cfg['lr']} --batch-size {cfg['batch_size']} --lr-patience {cfg['lr_patience']} "
-                 f"--patience {cfg['patience']}")
+        extra = f"{folder}/{captions.name}"
+    lines.append(_train_command(cfg, out, init=f"{_run_name(init)}/best", extra_captions=extra))
     return lines
 
 

@@ -27,7 +27,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..atomic import atomic_write, swap_folder
 from ..bundle import VOCAB, BundleError, load_bundle, read_config, recover_swap, save_bundle
 from .data import CaptionDataset, load_dataset
-from ..decoders import Decoder, build_decoder
+from ..decoders import DECODERS, Decoder, build_decoder
 from ..decoding import SpecialIds, sample_decode
 from .features import FeatureCache, extract_features, find_cache
 from ..images import Preprocessing
@@ -53,6 +53,31 @@ from ..vocab import Vocab
 DEFAULT_FEATURES = REPO_ROOT / ".cache" / "features"
 CSV_FIELDS = ["epoch", "train_loss", "val_loss", "val_bleu4", "val_cider", "lr", "sample_prob", "seconds",
               "train_reward"]
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """The decoder's own settings (decoders.py's configs, less what the data decides: the
+    vocabulary size and the encoder's feature size). A decoder takes the fields its config class
+    has, so a new decoder option needs no code here beyond its field."""
+
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    dropout: float = 0.5
+    tie_weights: bool = False  # the output layer shares the input embedding (Press & Wolf 2017)
+    attention_dim: int = 512  # show_attend_tell
+    deep_output: bool = False  # show_attend_tell: predict from h, context and previous word (Xu et al. eq. 7)
+    merge_dim: int = 512  # merge
+    bidirectional: bool = False  # merge
+
+    def decoder_config(self, kind: str, vocab_size: int, feature_dim: int) -> dict:
+        """The config of a ``kind`` decoder (DECODERS) with these settings."""
+        names = {f.name for f in fields(DECODERS[kind][1])}
+        return {"vocab_size": vocab_size, "feature_dim": feature_dim,
+                **{k: v for k, v in asdict(self).items() if k in names}}
+
+
+DECODER_OPTIONS = frozenset(f.name for f in fields(DecoderOptions))
 
 
 @dataclass
@@ -67,14 +92,7 @@ class TrainConfig:
     patience: int = 4  # stop after this many epochs without a new best
     grad_clip: float = 5.0
     weight_decay: float = 0.0
-    dropout: float = 0.5
-    embed_dim: int = 512
-    hidden_dim: int = 512
-    attention_dim: int = 512
-    deep_output: bool = False  # show_attend_tell: predict from h, context and previous word (Xu et al. eq. 7)
-    tie_weights: bool = False  # the output layer shares the input embedding (Press & Wolf 2017)
-    merge_dim: int = 512
-    bidirectional: bool = False
+    model: DecoderOptions = field(default_factory=lambda: DecoderOptions())
     alpha_c: float = 1.0  # doubly stochastic attention weight (show_attend_tell)
     sample_prob_max: float = 0.0  # scheduled sampling: ramps linearly to this by the last epoch
     label_smoothing: float = 0.0
@@ -94,20 +112,38 @@ class TrainConfig:
     scst_max_len: int = 16  # words per sampled caption
     extra_captions: str = ""  # JSON list of {"image", "caption"} for train images, read with the references
 
+    def __init__(self, **settings):
+        """Keyword arguments are the fields; the decoder's options may also come flat
+        (``embed_dim=256``, as the CLI's flags and older records give them) and then update ``model``."""
+        flat = {k: settings.pop(k) for k in list(settings) if k in DECODER_OPTIONS}
+        model = settings.pop("model", None)
+        model = DecoderOptions(**model) if isinstance(model, dict) else (model or DecoderOptions())
+        unknown = set(settings) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        for f in fields(self):
+            if f.name == "model":
+                self.model = replace(model, **flat)
+            elif f.name in settings:
+                setattr(self, f.name, settings[f.name])
+            else:
+                setattr(self, f.name, f.default)
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
+        """A record as ``to_dict`` writes it, or an older one; unknown keys are left out."""
+        names = {f.name for f in fields(cls)} | DECODER_OPTIONS
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        """Flat, the layout of every bundle's training record (config.json "training"), so that
+        readers of old and new records read one form."""
+        d = asdict(self)
+        return {**{k: v for k, v in d.items() if k != "model"}, **d["model"]}
 
 
 def decoder_config(cfg: TrainConfig, vocab_size: int, feature_dim: int) -> dict:
-    d = dict(vocab_size=vocab_size, feature_dim=feature_dim, embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
-             dropout=cfg.dropout, tie_weights=cfg.tie_weights)
-    if cfg.decoder == "show_attend_tell":
-        d.update(attention_dim=cfg.attention_dim, deep_output=cfg.deep_output)
-    if cfg.decoder == "merge":
-        d.update(merge_dim=cfg.merge_dim, bidirectional=cfg.bidirectional)
-    return d
+    return cfg.model.decoder_config(cfg.decoder, vocab_size, feature_dim)
 
 
 def encode_captions(captions: dict[str, list[str]], images: list[str], index: dict[str, int], vocab: Vocab,
@@ -307,7 +343,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
         b = read_config(cfg.init)
         cfg = replace(cfg, encoder=b["encoder"]["name"], decoder=b["decoder"]["type"],
                       image_size=int(b["preprocessing"]["size"]))
-    if cfg.deep_output and cfg.decoder != "show_attend_tell" and not cfg.init:
+    if cfg.model.deep_output and cfg.decoder != "show_attend_tell" and not cfg.init:
         raise ValueError(f"--deep-output is a show_attend_tell option (Xu et al. eq. 7), not {cfg.decoder}'s")
     if not 0.0 <= cfg.feature_dropout < 1.0:
         raise ValueError(f"--feature-dropout must be in [0, 1), got {cfg.feature_dropout}")
@@ -340,7 +376,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
             vocab = Vocab.build([c for k in train_imgs for c in ds.captions[k]], cfg.min_count)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
             vocab.save(out / "vocab.json")
             with (out / "metrics.csv").open("w", newline="") as f:
                 csv.writer(f).writerow(CSV_FIELDS)
@@ -453,7 +489,7 @@ def train(data: Optional[str], out: str | Path, cfg: TrainConfig, features: str 
             print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
             if score > state["best"]:
                 state.update(best=score, bad_epochs=0, lr_bad=0)
-                training = {"epoch": epoch + 1, f"val_{cfg.select_metric}": score, "config": asdict(cfg)}
+                training = {"epoch": epoch + 1, f"val_{cfg.select_metric}": score, "config": cfg.to_dict()}
                 if init:
                     # How the starting model was trained, so the model card can give both stages.
                     training["init_training"] = init[2].get("training")
