@@ -14,6 +14,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -294,6 +295,54 @@ def test_caption_service_and_maps(models):
         figures.beam_tree_figure(None, cap.vocab)
 
 
+def test_beam_tree_collapses_pruned_and_writes_words_where_they_fit(models):
+    """Beam 10 (issue 26: overlapping labels): the pruned candidates collapse, leaving each step's
+    drawn nodes ranked without gaps; the written words never overlap at the narrowest plot width,
+    the returned caption's words are all written, and a word left unwritten is still in its hover."""
+    from explain.beam import beam_tree
+
+    cap = registry.load_captioner(str(models / "show_attend_tell"), encoder=None)
+    out = captions.caption(cap, photo(), beam_size=10, nbest=1)
+    # The test model's words are short enough to fit anywhere; words of 12+ letters do not.
+    vocab = SimpleNamespace(itos=[w + "-ing-ing" for w in cap.vocab.itos], start=cap.vocab.start, end=cap.vocab.end)
+    tree = beam_tree(out.lattice, vocab, out.tokens, out.best.finished)
+
+    def points(fig):  # (x, y, written text, textposition, the node's word) per drawn node
+        return [(x, y, t, p, c[0]) for d in fig.data if d.mode == "markers+text"
+                for x, y, t, p, c in zip(d.x, d.y, d.text, d.textposition, d.customdata)]
+
+    full = points(figures.beam_tree_figure(out.lattice, vocab, out.tokens, out.best.finished))
+    slim_fig = figures.beam_tree_figure(out.lattice, vocab, out.tokens, out.best.finished, show_pruned=False)
+    slim = points(slim_fig)
+    assert len(full) == len(tree.nodes)
+    assert len(slim) == sum(n.kept or n.finished or n.on_best for n in tree.nodes) < len(full)
+    assert "pruned" not in {d.name for d in slim_fig.data}
+    for step in {p[0] for p in slim}:
+        assert sorted(p[1] for p in slim if p[0] == step) == list(range(sum(p[0] == step for p in slim)))
+    for pts in (full, slim):
+        assert all(t == w for _, _, t, _, w in pts if t)  # a written label is its node's word
+        lo, hi = min(p[0] for p in pts), max(p[0] for p in pts)
+        step_px, row = figures.TREE_PLOT_WIDTH / (hi - lo + 1), figures.TREE_ROW_PX
+        boxes = []
+        for x, y, t, where, _ in pts:
+            if t:
+                top = y * row - figures.TREE_LABEL_PX - 4 if where == "top center" else y * row + 4
+                cx, half = (x - lo + 0.5) * step_px, len(t) * figures.TREE_CHAR_PX / 2
+                boxes.append((cx - half, cx + half, top, top + figures.TREE_LABEL_PX))
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert a[1] <= b[0] or b[1] <= a[0] or a[3] <= b[2] or b[3] <= a[2], (a, b)
+    red = next(d for d in slim_fig.data if d.name == "returned caption")
+    path, written = [n.word for n in tree.best_path()], [t for t in red.text if t and t != "<start>"]
+    assert written and written[0] == path[0] and all(w in path for w in written)
+    # A crowded row: 20 long words at 640 px cannot all be written; the first in order always is,
+    # above its marker, and the next one that collides goes below.
+    got = figures.place_labels({i: "skateboarders" for i in range(20)}, {i: (float(i), 0.0) for i in range(20)},
+                               range(20))
+    assert 0 < len(got) < 20 and got[0] == "top center" and "bottom center" in got.values()
+    assert any(not p[2] for p in full)  # beam 10 with every candidate: some words only in the hover
+
+
 def test_model_files_and_published_numbers(models, tmp_path):
     p = str(models / "show_attend_tell")
     assert "Tiny test model" in registry.model_card(p)
@@ -560,6 +609,40 @@ def test_explain_page(models):
     assert len(at.get("plotly_chart")) == 1
 
 
+def test_gallery_faithfulness_badges(models, monkeypatch):
+    """The gallery's check gives every word's map a badge, on demand, and each badge says what
+    the deletion/insertion check says of that word's map when run directly. The check runs with
+    fewer steps and random orders than the app's (the check itself is tested elsewhere; here it
+    is the wiring), and the app's caches are emptied so that no verdict comes from another test."""
+    import functools
+
+    import streamlit as st
+
+    monkeypatch.setattr(explanations, "faithfulness", functools.partial(explanations.faithfulness, steps=6, seeds=2))
+    st.cache_data.clear()
+    at = app()
+    at.switch_page("views/explain.py").run()
+    no_exceptions(at)
+    cur = at.session_state["current"]
+    model = registry.load_captioner(str(models / "show_attend_tell"))
+    words = next(m.value for m in at.markdown if m.value.startswith("**Caption:**")).split("**", 2)[2].split()
+    tokens = tuple(model.vocab.stoi[w] for w in words)
+    assert not any("-badge[" in m.value for m in at.markdown)
+    next(b for b in at.button if b.label.startswith("Check the faithfulness of all")).click().run(timeout=300)
+    no_exceptions(at)
+    # The badges sit in the gallery's columns, so they come in column order, not word order.
+    badges = sorted(re.search(r"-badge\[(?::material/\w+: )?(.*)\]", m.value).group(1)
+                    for m in at.markdown if "-badge[" in m.value)
+    assert len(badges) == len(words)
+    assert sorted(b.rsplit(": ", 1)[0] for b in badges) == sorted(words)
+    # Recomputing every word would double the test's time; the first and the last word are checked.
+    maps = explanations.grad_cam_all(model, cur.full, tokens)
+    for t in (0, len(words) - 1):
+        r = explanations.faithfulness(model, cur.full, tokens, t, {"grad_cam": maps[t]})[0]
+        assert f"{words[t]}: {r.verdict}" in badges, (t, badges)
+    assert any(explanations.FAITHFUL_IS_NOT_CORRECT in c.value for c in at.caption)
+
+
 def test_explain_page_names_the_maps_that_lose(models, monkeypatch):
     """Whatever the maps, a map that loses to the random order is named in a warning and the page
     does not claim they all win: here the attention row is made to lose on deletion."""
@@ -755,6 +838,30 @@ def test_rerank_toggle(models, tmp_path):
         " ".join(c.value for c in at.caption)
     table = at.dataframe[-1].value
     assert (table["score"] - table["log-prob"]).abs().max() > 1.0  # 1000 x cosine added
+    # The beam tree says what re-ranking did: the beam's own best (plain beam search, computed
+    # here on its own) against the caption shown, and each caption's beam score, cosine and sum.
+    at.switch_page("views/explain.py").run()
+    at.segmented_control(key="explain_section").set_value("Beam-search tree").run()
+    no_exceptions(at)
+    cur = at.session_state["current"]
+    cap = registry.load_captioner(str(root / "show_attend_tell"))
+    shown = captions.caption(cap, cur.full, 3, 0.0, 3, rerank=1000.0)  # the sidebar's 3 captions
+    plain = captions.caption(cap, cur.full, 3, 0.0, 1, rerank=0.0)
+    said = " ".join(m.value for m in at.markdown)
+    if plain.tokens == shown.tokens:
+        assert "The matcher agreed with beam search" in said
+    else:
+        assert f"Beam search alone ranked “{plain.text}” first" in said and "dashed" in said
+    drawn = {d.get("name") for d in json.loads(at.get("plotly_chart")[0].proto.spec)["data"]}
+    assert ("beam's own best" in drawn) == (plain.tokens != shown.tokens) and "returned caption" in drawn
+    rr = at.dataframe[-1].value
+    assert list(rr.columns) == ["caption", "beam score", "matcher cosine", "beam score + 1000 × cosine"]
+    assert rr["caption"].iloc[0] == shown.text
+    assert list(rr["caption"]) == [c.text for c in shown.captions]
+    assert np.allclose(rr["beam score"], [c.score - 1000 * c.match for c in shown.captions], atol=2e-3)
+    assert np.allclose(rr["matcher cosine"], [c.match for c in shown.captions], atol=2e-3)
+    assert rr["beam score + 1000 × cosine"].is_monotonic_decreasing and (rr["beam score"] <= 0).all()
+    at.switch_page("views/caption.py").run()
     at.toggle(key="rerank").set_value(False).run()
     no_exceptions(at)
     assert "re-ranked" not in " ".join(c.value for c in at.caption)

@@ -138,6 +138,10 @@ class Faithfulness:
         return "inside the random band"
 
 
+#: The badge colour of each verdict (Caption page, Explain page gallery).
+VERDICT_COLOUR = {"faithful": "green", "inside the random band": "orange", "worse than random": "red"}
+
+
 def faithfulness(captioner, image: Image.Image, tokens: Sequence[int], t: int, maps: dict[str, np.ndarray],
                  steps: int = 16, seeds: int = RANDOM_SEEDS) -> list[Faithfulness]:
     """Deletion/insertion for several maps of one word against ``seeds`` seeded random orders

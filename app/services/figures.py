@@ -131,56 +131,128 @@ _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 # --------------------------------------------------------------------------- beam tree
 
+#: What the beam tree's label placement assumes: the narrowest plot area the app draws it in
+#: (an 800 px window less the margins) and the width of one character of its 10 px labels.
+TREE_PLOT_WIDTH = 640
+TREE_ROW_PX = 34
+TREE_CHAR_PX = 6.2
+TREE_LABEL_PX = 13
+
+
+def tree_layout(tree, show_pruned: bool) -> dict[int, tuple[float, float]]:
+    """(x, y) of every node drawn: x = step + 1; y = rank among the nodes of its step that are
+    drawn (best log-probability at 0), so hiding the pruned candidates leaves no gaps."""
+    drawn = [n for n in tree.nodes if show_pruned or n.kept or n.finished or n.on_best or n.parent is None]
+    by_step: dict[int, list] = {}
+    for n in drawn:
+        by_step.setdefault(n.step, []).append(n)
+    pos = {}
+    for step, ns in by_step.items():
+        for r, n in enumerate(sorted(ns, key=lambda n: (-n.logprob, n.id))):
+            pos[n.id] = (float(step + 1), float(r))
+    return pos
+
+
+def place_labels(words: dict[int, str], pos: dict[int, tuple[float, float]], order: Sequence[int],
+                 width_px: float = TREE_PLOT_WIDTH, row_px: float = TREE_ROW_PX) -> dict[int, str]:
+    """Where each node's word is written: taken in ``order`` (most important first), a word goes
+    just above its marker, else just below it, wherever its box overlaps no word already written;
+    a word that fits in neither place is left to the hover. Boxes are estimated in pixels for a
+    plot ``width_px`` wide whose rows are ``row_px`` apart.
+
+    Returns:
+        node id -> Plotly textposition ("top center" or "bottom center") for the written words.
+    """
+    xs = [x for x, _ in pos.values()]
+    lo, span = min(xs), max(max(xs) - min(xs), 1.0)
+    px_per_step = width_px / (span + 1)  # half a step of margin each side
+    boxes: list[tuple[float, float, float, float]] = []
+    out: dict[int, str] = {}
+    for i in order:
+        if i not in pos or not words.get(i):
+            continue
+        x, y = pos[i]
+        cx, half = (x - lo + 0.5) * px_per_step, len(words[i]) * TREE_CHAR_PX / 2 + 2
+        for where, top in (("top center", y * row_px - TREE_LABEL_PX - 4), ("bottom center", y * row_px + 4)):
+            box = (cx - half, cx + half, top, top + TREE_LABEL_PX)
+            if all(box[1] <= b[0] or box[0] >= b[1] or box[3] <= b[2] or box[2] >= b[3] for b in boxes):
+                boxes.append(box)
+                out[i] = where
+                break
+    return out
+
+
 def beam_tree_figure(lattice: Optional[list[dict]], vocab, best_tokens: Optional[Sequence[int]] = None,
-                     best_finished: bool = True):
-    """The beam-search tree (explain.beam links the lattice) drawn with Plotly: x = step,
-    y = rank of the candidate in its step; kept beams blue, pruned candidates grey, finished
-    captions as squares, the returned caption's path red."""
+                     best_finished: bool = True, show_pruned: bool = True,
+                     beam_best: Optional[tuple[Sequence[int], bool]] = None):
+    """The beam-search tree (explain.beam links the lattice) drawn with Plotly.
+
+    x = step, y = rank among the candidates drawn in that step; kept beams blue, pruned candidates
+    grey (``show_pruned=False`` collapses them), finished captions as squares, the returned
+    caption's path red. ``beam_best``: (tokens, finished) of the caption beam search itself ranked
+    first, drawn dashed when re-ranking chose another. Words are written where they fit without
+    overlapping (the returned caption's first, then the beam's own best, finished captions, kept
+    beams, pruned candidates); every node's word is in its hover."""
     import plotly.graph_objects as go
 
     if not lattice:
         raise NotAvailable("no beam lattice for this caption (greedy decoding keeps none)")
     tree = beam_tree(lattice, vocab, best_tokens=list(best_tokens) if best_tokens is not None else None,
                      best_finished=best_finished)
-    pos = tree.positions()
+    beam_path: set[int] = set()
+    if beam_best is not None and list(beam_best[0]) != list(best_tokens or []):
+        other = beam_tree(lattice, vocab, best_tokens=list(beam_best[0]), best_finished=beam_best[1])
+        beam_path = {n.id for n in other.nodes if n.on_best and n.parent is not None}
+    pos = tree_layout(tree, show_pruned)
     fig = go.Figure()
-    for style, color, width, pick in (("pruned", "#cccccc", 1, lambda c: not c.kept and not c.finished),
-                                      ("kept", "#6fa8dc", 1.5, lambda c: (c.kept or c.finished) and not c.on_best),
-                                      ("best", "#d62728", 3, lambda c: c.on_best)):
+    for style, color, width, dash, pick in (
+            ("pruned", "#cccccc", 1, None, lambda c: not c.kept and not c.finished),
+            ("kept", "#6fa8dc", 1.5, None, lambda c: (c.kept or c.finished) and not c.on_best),
+            ("beam's own best", "#2ca02c", 2.5, "dash", lambda c: c.id in beam_path and not c.on_best),
+            ("best", "#d62728", 3, None, lambda c: c.on_best)):
         xs, ys = [], []
         for parent, child in tree.edges():
             c = tree.nodes[child]
-            if pick(c):
+            if pick(c) and child in pos and parent in pos:
                 (x0, y0), (x1, y1) = pos[parent], pos[child]
                 xs += [x0, x1, None]
                 ys += [y0, y1, None]
         if xs:
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=width), hoverinfo="skip",
-                                     name=f"{style} edges", showlegend=False))
-    groups = (("best path", lambda n: n.on_best, "#d62728"),
-              ("kept beam", lambda n: n.kept and not n.on_best, "#1f77b4"),
-              ("finished caption", lambda n: n.finished and not n.on_best, "#2ca02c"),
-              ("pruned", lambda n: not (n.kept or n.finished or n.on_best), "#aaaaaa"))
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=width, dash=dash),
+                                     hoverinfo="skip", name=f"{style} edges", showlegend=False))
+    drawn = [n for n in tree.nodes if n.id in pos]
+    importance = lambda n: (0 if n.on_best else 1 if n.id in beam_path else 2 if n.finished else 3 if n.kept else 4,
+                            n.step, -n.logprob)
+    labelled = place_labels({n.id: n.word for n in drawn}, pos, [n.id for n in sorted(drawn, key=importance)])
+    groups = (("returned caption", lambda n: n.on_best, "#d62728"),
+              ("beam's own best", lambda n: n.id in beam_path and not n.on_best, "#2ca02c"),
+              ("kept beam", lambda n: n.kept and not n.on_best and n.id not in beam_path, "#1f77b4"),
+              ("finished caption", lambda n: n.finished and not n.on_best and n.id not in beam_path, "#2ca02c"),
+              ("pruned", lambda n: not (n.kept or n.finished or n.on_best or n.id in beam_path), "#aaaaaa"))
     for name, pick, color in groups:
-        ns = [n for n in tree.nodes if pick(n)]
+        ns = [n for n in drawn if pick(n)]
         if not ns:
             continue
         fig.add_trace(go.Scatter(
             x=[pos[n.id][0] for n in ns], y=[pos[n.id][1] for n in ns], mode="markers+text", name=name,
-            text=[n.word for n in ns], textposition="top center", textfont=dict(size=10, color=color),
+            text=[n.word if n.id in labelled else "" for n in ns],
+            textposition=[labelled.get(n.id, "top center") for n in ns],
+            textfont=dict(size=10, color=color),
             marker=dict(color=color, size=9, symbol=["square" if n.finished else "circle" for n in ns]),
-            customdata=[[n.step + 1, n.logprob, n.step_logprob, "yes" if n.kept else "no", "yes" if n.finished else "no"]
-                        for n in ns],
-            hovertemplate="<b>%{text}</b><br>step %{customdata[0]}<br>cumulative log-prob %{customdata[1]:.3f}"
-                          "<br>word log-prob %{customdata[2]:.3f}<br>kept %{customdata[3]}, finished %{customdata[4]}"
-                          "<extra></extra>"))
-    fig.update_yaxes(autorange="reversed", title_text="rank in step", zeroline=False)
+            customdata=[[n.word, n.step + 1, n.logprob, n.step_logprob, "yes" if n.kept else "no",
+                         "yes" if n.finished else "no"] for n in ns],
+            hovertemplate="<b>%{customdata[0]}</b><br>step %{customdata[1]}<br>cumulative log-prob "
+                          "%{customdata[2]:.3f}<br>word log-prob %{customdata[3]:.3f}<br>kept %{customdata[4]}, "
+                          "finished %{customdata[5]}<extra></extra>"))
+    rows = 1 + max(int(y) for _, y in pos.values())
+    hidden = len(tree.nodes) - len(drawn)
+    fig.update_yaxes(autorange="reversed", title_text="rank in step", zeroline=False, showticklabels=False)
     fig.update_xaxes(title_text="step", dtick=1, zeroline=False)
-    fig.update_layout(height=max(360, 40 * (2 * tree.beam_size + 1)), margin=dict(l=10, r=10, t=30, b=10),
+    fig.update_layout(height=max(320, TREE_ROW_PX * (rows + 1) + 110), margin=dict(l=10, r=10, t=30, b=10),
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
-                      title=f"{len(tree.nodes) - 1} candidates over {tree.steps} steps")
+                      title=f"{len(tree.nodes) - 1} candidates over {tree.steps} steps"
+                            + (f" ({hidden} pruned ones collapsed)" if hidden else ""))
     return fig
-
 
 
 PROJECTION_NAMES = {"tsne": "t-SNE", "pca": "PCA", "umap": "UMAP"}

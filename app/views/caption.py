@@ -166,8 +166,7 @@ if m is not None:
             except NotAvailable as e:
                 st.info(str(e))
             else:
-                colour = {"faithful": "green", "inside the random band": "orange", "worse than random": "red"}
-                st.badge(f"faithfulness: {r.verdict}", color=colour[r.verdict],
+                st.badge(f"faithfulness: {r.verdict}", color=explanations.VERDICT_COLOUR[r.verdict],
                          icon=":material/verified:" if r.beats_random else ":material/help:")
                 st.caption(f"Deletion area {r.deletion_auc:.3f} (random {r.random_deletion_band[0]:.3f}–"
                            f"{r.random_deletion_band[1]:.3f}), insertion {r.insertion_auc:.3f} (random "

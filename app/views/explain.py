@@ -47,17 +47,43 @@ if section == SECTIONS[0]:
                           format_func=lambda m: title(m, m), key="gallery_method",
                           help="Grad-CAM and attention are instant; the others take one to a few seconds per word "
                                "on a CPU")
+    # Trust beside every map: the deletion/insertion check for every word, on demand (a few
+    # seconds a word) and cached per word, so a badge once computed stays.
+    gkey = (cur.model.key, cur.digest, tokens, method)
+    checked = st.session_state.setdefault("gallery_faith_done", set())
+    if gkey not in checked and st.button(
+            f"Check the faithfulness of all {len(words)} maps", key="gallery_faith-" + key + "-" + method,
+            icon=":material/fact_check:",
+            help=f"For each word, delete and reveal the map's pixels in its order, against "
+                 f"{explanations.RANDOM_SEEDS} random orders (a few seconds a word)"):
+        checked.add(gkey)
     ncol = 4
     cols = st.columns(ncol)
+    maps = {}
     with st.spinner(f"{title(method, method)} for {len(words)} words..."):
         for t, w in enumerate(words):
             try:
-                m = word_map(method, t)
+                maps[t] = word_map(method, t)
             except (NotAvailable, ValueError) as e:
                 st.info(str(e))
                 break
-            cols[t % ncol].image(figures.map_overlay(cur.image, m, method), caption=f"{t + 1}. {w}", width="stretch",
-                                 clamp=True)
+            cols[t % ncol].image(figures.map_overlay(cur.image, maps[t], method), caption=f"{t + 1}. {w}",
+                                 width="stretch", clamp=True)
+    if gkey in checked and maps:
+        with st.spinner("Deleting and inserting pixels for every word..."):
+            for t, m in maps.items():
+                try:
+                    r = ui.faithfulness(cur.model.key, cur.digest, tokens, t, (method,), model, cur.full, {method: m})[0]
+                except NotAvailable as e:
+                    st.info(str(e))
+                    break
+                with cols[t % ncol]:
+                    st.badge(f"{words[t]}: {r.verdict}", color=explanations.VERDICT_COLOUR[r.verdict],
+                             icon=":material/verified:" if r.beats_random else ":material/help:",
+                             help=f"deletion area {r.deletion_auc:.3f} (random {r.random_deletion_band[0]:.3f}–"
+                                  f"{r.random_deletion_band[1]:.3f}), insertion {r.insertion_auc:.3f} (random "
+                                  f"{r.random_insertion_band[0]:.3f}–{r.random_insertion_band[1]:.3f})")
+        st.caption(explanations.FAITHFUL_IS_NOT_CORRECT)
     st.markdown(figures.colour_scale_html(f"each map on its own: {figures.map_normalisation(method)}"), unsafe_allow_html=True)
     if method in explanations.NOT_EXPLANATIONS:
         st.caption(explanations.NOT_EXPLANATIONS[method])
@@ -138,12 +164,46 @@ elif section == SECTIONS[1]:
 else:
     if out.lattice is None:
         st.info("No beam lattice: decoding kept none.")
-    else:
-        try:
-            fig = figures.beam_tree_figure(out.lattice, model.vocab, out.tokens, out.best.finished)
-        except NotAvailable as e:
-            st.info(str(e))
+        st.stop()
+    show_pruned = st.toggle("Show the pruned candidates", False, key="tree_pruned",
+                            help="Beam search looks at twice the beam's width of extensions each step and keeps "
+                                 "the best; the rest are pruned. Off, only the kept beams and finished captions "
+                                 "are drawn.")
+    reranked = out.best.match is not None
+    beam_best = None
+    if reranked:
+        # The same search without the matcher's vote: what beam search alone would have returned.
+        plain = ui.caption(cur.model.key, cur.digest, cur.beam, cur.length_penalty, 1, model, cur.full, 0.0, cur.guide)
+        beam_best = (plain.tokens, plain.best.finished)
+    try:
+        fig = figures.beam_tree_figure(out.lattice, model.vocab, out.tokens, out.best.finished,
+                                       show_pruned=show_pruned, beam_best=beam_best)
+    except NotAvailable as e:
+        st.info(str(e))
+        st.stop()
+    st.plotly_chart(fig, key=f"tree-{key}")
+    st.caption(f"Beam size {cur.beam}. Each step keeps the {cur.beam} best partial captions (blue); a square is a "
+               "caption that ended there. The red path is the caption shown. Words that do not fit are in the "
+               "hover.")
+    if reranked:
+        st.markdown("#### Re-ranking")
+        # As many re-ranked captions as the search may return (nbest <= beam), to rank the choice among.
+        listed = ui.caption(cur.model.key, cur.digest, cur.beam, cur.length_penalty, cur.beam, model, cur.full,
+                            cur.rerank, cur.guide).captions
+        rows = [{"caption": c.text, "beam score": round(c.score - cur.rerank * c.match, 3),
+                 "matcher cosine": round(c.match, 3), f"beam score + {cur.rerank:g} × cosine": round(c.score, 3)}
+                for c in listed]
+        mine = next((r for r, c in zip(rows, listed) if c.tokens == out.tokens), rows[0])
+        rank = 1 + sorted((r["beam score"] for r in rows), reverse=True).index(mine["beam score"])
+        if beam_best[0] == out.tokens:
+            st.markdown(f"The matcher agreed with beam search: its best caption, “{out.text}”, is also the one "
+                        "with the best beam score.")
         else:
-            st.plotly_chart(fig, key=f"tree-{key}")
-            st.caption(f"Beam size {cur.beam}. Every candidate beam search considered; the kept beams continue, the "
-                       "best caption's path is highlighted.")
+            st.markdown(f"Beam search alone ranked “{plain.text}” first (the dashed green path). The matcher, "
+                        "which scores how well a caption fits this photo, moved “" + out.text + "” up: its beam "
+                        f"score is rank {rank} of the {len(rows)} below, but beam score + {cur.rerank:g} × cosine "
+                        "is the highest.")
+        st.dataframe(rows, hide_index=True, width="stretch", key=f"rerank-{key}")
+        st.caption(f"Beam score: log-probability / length^{cur.length_penalty:g}. The search kept "
+                   f"{cur.model.rerank_candidates(cur.beam)} finished captions for re-ranking; the table shows the "
+                   f"{len(rows)} best after it.")
