@@ -335,7 +335,7 @@ def test_beam_tree_collapses_pruned_and_writes_words_where_they_fit(models):
     red = next(d for d in slim_fig.data if d.name == "returned caption")
     path, written = [n.word for n in tree.best_path()], [t for t in red.text if t and t != "<start>"]
     assert written and written[0] == path[0] and all(w in path for w in written)
-    # A crowded row: 20 long words at 640 px cannot all be written; the first in order always is,
+    # A crowded row: 20 long words at 400 px cannot all be written; the first in order always is,
     # above its marker, and the next one that collides goes below.
     got = figures.place_labels({i: "skateboarders" for i in range(20)}, {i: (float(i), 0.0) for i in range(20)},
                                range(20))

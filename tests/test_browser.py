@@ -267,7 +267,7 @@ def _tour(page, server, width: int) -> None:
         page.get_by_text("mean ± 1 SD").first.wait_for()  # the band's legend entry
         shot(page, f"tour_{width}_04_explain_side_by_side")
         page.locator('[data-testid="stButtonGroup"] button', has_text="Beam-search tree").click()
-        page.get_by_text("Every candidate beam search considered").wait_for()
+        page.get_by_text(re.compile("(Each step keeps|Guided decoding keeps two banks)")).first.wait_for()
         shot(page, f"tour_{width}_05_explain_beam_tree")
 
         page.get_by_role("link", name=re.compile("Encoder")).click()

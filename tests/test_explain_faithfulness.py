@@ -157,9 +157,11 @@ def test_defaults_the_app_and_cli_rely_on():
     x = cap.pixels([img])
     assert len(rd.probs) == len(ri.probs) == 25 and rd.order == ri.order == "random"
     np.testing.assert_allclose(rd.probs, perturbation_curve(scorer, x, random_order(196, 0), "deletion", 16, 24,
-                                                            "black").probs, atol=1e-6)
+                                                            "black").probs, atol=1e-5)
+    # 1e-5: the baselines score their steps in other batch sizes, and a convolution's float
+    # rounding depends on the batch (differences of 2e-6 seen); a wrong default moves them by far more.
     np.testing.assert_allclose(ri.probs, perturbation_curve(scorer, x, random_order(196, 0), "insertion", 16, 24,
-                                                            "blur").probs, atol=1e-6)
+                                                            "blur").probs, atol=1e-5)
     res = model_randomisation(cap, img, tokens, 1)
     assert res.method == "grad_cam" and res.target == "decoder"
     with pytest.raises(ValueError, match="target must be decoder, encoder or both"):

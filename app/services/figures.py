@@ -132,8 +132,9 @@ _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 # --------------------------------------------------------------------------- beam tree
 
 #: What the beam tree's label placement assumes: the narrowest plot area the app draws it in
-#: (an 800 px window less the margins) and the width of one character of its 10 px labels.
-TREE_PLOT_WIDTH = 640
+#: (an 800 px window less the sidebar and margins: about 410 px, measured in the browser tour's
+#: screenshots) and the width of one character of its 10 px labels.
+TREE_PLOT_WIDTH = 400
 TREE_ROW_PX = 34
 TREE_CHAR_PX = 6.2
 TREE_LABEL_PX = 13
@@ -248,8 +249,9 @@ def beam_tree_figure(lattice: Optional[list[dict]], vocab, best_tokens: Optional
     hidden = len(tree.nodes) - len(drawn)
     fig.update_yaxes(autorange="reversed", title_text="rank in step", zeroline=False, showticklabels=False)
     fig.update_xaxes(title_text="step", dtick=1, zeroline=False)
-    fig.update_layout(height=max(320, TREE_ROW_PX * (rows + 1) + 110), margin=dict(l=10, r=10, t=30, b=10),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+    # The legend goes below the plot: above it, it runs into the title in a narrow window.
+    fig.update_layout(height=max(320, TREE_ROW_PX * (rows + 1) + 150), margin=dict(l=10, r=10, t=30, b=60),
+                      legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="left", x=0),
                       title=f"{len(tree.nodes) - 1} candidates over {tree.steps} steps"
                             + (f" ({hidden} pruned ones collapsed)" if hidden else ""))
     return fig

@@ -182,9 +182,11 @@ else:
         st.info(str(e))
         st.stop()
     st.plotly_chart(fig, key=f"tree-{key}")
-    st.caption(f"Beam size {cur.beam}. Each step keeps the {cur.beam} best partial captions (blue); a square is a "
-               "caption that ended there. The red path is the caption shown. Words that do not fit are in the "
-               "hover.")
+    banks = (f"Guided decoding keeps two banks of {cur.beam} each step: the best partial captions that already name "
+             f"{' or '.join(out.guided)} and the best that do not yet (blue)" if out.guided else
+             f"Each step keeps the {cur.beam} best partial captions (blue)")
+    st.caption(f"Beam size {cur.beam}. {banks}; a square is a caption that ended there. The red path is the caption "
+               "shown. Words that do not fit are in the hover.")
     if reranked:
         st.markdown("#### Re-ranking")
         # As many re-ranked captions as the search may return (nbest <= beam), to rank the choice among.

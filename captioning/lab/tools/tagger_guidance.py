@@ -1,0 +1,159 @@
+"""Does the concept tagger help guided decoding? (issue 23, item 8; measured on dev data only)
+
+    python -m captioning.lab.tools.tagger_guidance [--flickr8k DIR] [--coco DIR] [--limit N]
+        [--out runs/tagger_guidance.json]
+
+Guided decoding (captioning/guidance.py, Anderson et al. 2017) forces one disjunctive
+constraint per photo: the words the encoder's ImageNet head names with evidence >= 0.4. The
+tagger (captioning/tagger.py) gives a second source of such words, in the caption vocabulary
+already and trained on Flickr8k's own captions. Each variant below decodes Flickr8k dev and the
+COCO dev set with the shipped default's settings (beam, length penalty, re-ranking) and only the
+constraint changed:
+
+  off            no constraint
+  imagenet       the shipped guidance (head evidence >= threshold, conflict penalty)
+  tagger@T       the tagger's most probable concept, when its probability >= T, in any of its
+                 word forms the vocabulary holds ("dog" or "dogs")
+  both@T         imagenet's words, or else tagger@T's for a photo the head is not sure of
+
+Scores: CIDEr (Python tokenizer, pycocoevalcap) and consensus-word recall
+(captioning.lab.evaluate). Prints a markdown table and writes the numbers as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ... import Captioner
+from ...decoding import Guide
+from ...guidance import plan as plan_imagenet
+from ...metrics import score_captions
+from ...paths import REPO_ROOT
+from ...tagger import Tagger
+from ..data import default_data_dir, load_dataset
+from ..evaluate import consensus_recall
+
+COCO = REPO_ROOT.parent / "shared" / "data" / "coco-ood"
+
+
+def encode_set(cap: Captioner, root: Path, split: str, limit: int, batch: int = 32):
+    """(names, refs, grid (N, P, C) fp16, pooled (N, C)) for a split of a dataset folder."""
+    ds = load_dataset(str(root))
+    names = ds.split(split)[:limit] if limit else ds.split(split)
+    grids, pooled = [], []
+    for i in range(0, len(names), batch):
+        g, p = cap.encode(cap.pixels([ds.path(n) for n in names[i:i + batch]]))
+        grids.append(g.half())
+        pooled.append(p)
+    return names, {n: ds.captions[n] for n in names}, torch.cat(grids), torch.cat(pooled)
+
+
+def tagger_words(tagger: Tagger, probs: torch.Tensor, itos: list[str], threshold: float) -> list[list[str]]:
+    """Per photo: the word forms (in the caption vocabulary) of its most probable concept, if that
+    concept's probability reaches ``threshold``; else []."""
+    vocab = set(itos)
+    forms: dict[str, list[str]] = {}
+    for w, c in tagger.concepts.forms.items():
+        forms.setdefault(c, []).append(w)
+    out = []
+    for row in probs:
+        k = int(row.argmax())
+        c = tagger.concepts.names[k]
+        ws = sorted({c, *forms.get(c, [])} & vocab) if float(row[k]) >= threshold else []
+        out.append(ws)
+    return out
+
+
+def guide_from_words(words: list[list[str]], itos: list[str], base: Guide | None = None) -> Guide:
+    stoi = {w: i for i, w in enumerate(itos)}
+    mask = torch.zeros(len(words), len(itos), dtype=torch.bool)
+    for b, ws in enumerate(words):
+        mask[b, [stoi[w] for w in ws]] = True
+    return Guide(mask, base.penalty if base is not None else None)
+
+
+def decode(cap: Captioner, grid, pooled, words_for=None, batch: int = 32) -> list[str]:
+    """Captions with the bundle's decoding; ``words_for(lo, hi, imagenet_words)`` -> constraint
+    words per photo of the batch replaces the ImageNet plan (None: the bundle's own guidance)."""
+    texts = []
+    real = cap._guide
+    for lo in range(0, len(pooled), batch):
+        hi = min(lo + batch, len(pooled))
+        if words_for is not None:
+            def patched(p, settings, lo=lo, hi=hi):
+                g, chosen = real(p, settings)
+                ws = words_for(lo, hi, chosen)
+                # The ImageNet plan's penalties apply only to photos whose constraint came from it.
+                pen = None
+                if g is not None and g.penalty is not None:
+                    pen = g.penalty.clone()
+                    for b, (w, c) in enumerate(zip(ws, chosen)):
+                        if w != c:
+                            pen[b] = 0
+                return Guide(guide_from_words(ws, cap.vocab.itos).words, pen), ws
+            cap._guide = patched
+        try:
+            res = cap.caption_features(grid[lo:hi].float(), pooled[lo:hi])  # the bundle's guidance on
+        finally:
+            cap._guide = real
+        texts += [r.text for r in res]
+    return texts
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--flickr8k", default=None, help="Flickr8k folder (default: ../shared/data/flickr8k)")
+    ap.add_argument("--coco", default=str(COCO))
+    ap.add_argument("--limit", type=int, default=0, help="first N photos of each set (0: all)")
+    ap.add_argument("--thresholds", default="0.8,0.9,0.95")
+    ap.add_argument("--out", default="runs/tagger_guidance.json")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    cap = Captioner.from_pretrained()
+    if not cap.decoding.guide:
+        raise SystemExit("the default bundle has guidance off; this compares against its settings")
+    tagger = Tagger.from_pretrained(encoder=cap.encoder)
+    sets = {"Flickr8k dev": (Path(args.flickr8k or default_data_dir()), "dev"), "COCO dev set": (Path(args.coco), "test")}
+    rows, off, t0 = [], {}, time.time()
+    for set_name, (root, split) in sets.items():
+        ds_splits = load_dataset(str(root)).splits
+        if not ds_splits.get(split):
+            split = next(s for s, v in ds_splits.items() if v)
+        names, refs, grid, pooled = encode_set(cap, root, split, args.limit)
+        probs = torch.as_tensor(tagger.probabilities("image", grid.float()))
+        variants = {"off": None, "imagenet": None}
+        for t in map(float, args.thresholds.split(",")):
+            tw = tagger_words(tagger, probs, cap.vocab.itos, t)
+            variants[f"tagger@{t:g}"] = lambda lo, hi, chosen, tw=tw: tw[lo:hi]
+            variants[f"both@{t:g}"] = lambda lo, hi, chosen, tw=tw: [c or w for c, w in zip(chosen, tw[lo:hi])]
+        for v, fn in variants.items():
+            if v == "off":
+                texts = []
+                for lo in range(0, len(pooled), 32):
+                    texts += [r.text for r in cap.caption_features(grid[lo:lo + 32].float(), pooled[lo:lo + 32],
+                                                                   guide=False)]
+            else:
+                texts = decode(cap, grid, pooled, fn)
+            preds = dict(zip(names, texts))
+            cider = score_captions(preds, refs, use_java=False, metrics=("cider",)).metrics["CIDEr"]
+            recall, _ = consensus_recall(preds, refs, cap.vocab.itos)
+            off = texts if v == "off" else off
+            changed = sum(a != b for a, b in zip(texts, off))
+            rows.append({"set": set_name, "photos": len(names), "variant": v, "CIDEr": round(cider, 4),
+                         "consensus recall": round(recall, 4), "captions changed": changed})
+            print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    print("\n| set | variant | CIDEr | consensus recall | captions changed |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['set']} ({r['photos']}) | {r['variant']} | {r['CIDEr']:.4f} | {r['consensus recall']:.4f} | "
+              f"{r['captions changed']} |")
+
+
+if __name__ == "__main__":
+    main()
