@@ -303,3 +303,25 @@ def test_thresholds_fall_back_to_one_global_threshold_for_rare_concepts():
     assert t[1] == g[1]  # the rare concept keeps the global one
     thr, rule = choose_thresholds(probs, y)
     assert thr.shape == (2,) and "global" in rule["cv_micro_f1"]
+
+
+def test_tagger_guidance_constraint_words():
+    """The dev experiment's constraints (captioning/lab/tools/tagger_guidance.py): the surest
+    concept in every vocabulary form, only at or above the threshold; and the surest concept the
+    unguided caption leaves out, skipping the ones it names."""
+    from types import SimpleNamespace
+
+    from captioning.lab.tools.tagger_guidance import guide_from_words, missing_words, tagger_words
+    from captioning.tagger import ConceptSpace
+
+    tagger = SimpleNamespace(concepts=ConceptSpace(["dog", "grass", "cat"], [9, 5, 2], {"dogs": "dog"}))
+    itos = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "dogs", "grass", "runs"]
+    probs = torch.tensor([[0.95, 0.60, 0.10], [0.30, 0.20, 0.10]])
+    assert tagger_words(tagger, probs, itos, 0.9) == [["dog", "dogs"], []]
+    assert tagger_words(tagger, probs, itos, 0.96) == [[], []]
+    caps = ["a dog runs", "a dog runs"]
+    assert missing_words(tagger, probs, itos, 0.5, caps) == [["grass"], []]
+    assert missing_words(tagger, probs, itos, 0.7, caps) == [[], []]  # dog is named, grass below 0.7
+    assert missing_words(tagger, probs, itos, 0.5, ["two dogs", "x"]) == [["grass"], []]  # a plural names it
+    g = guide_from_words([["dog", "dogs"], []], itos)
+    assert g.words.shape == (2, len(itos)) and g.words[0].nonzero().flatten().tolist() == [5, 6] and not g.words[1].any()

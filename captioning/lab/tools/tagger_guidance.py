@@ -15,6 +15,8 @@ constraint changed:
   tagger@T       the tagger's most probable concept, when its probability >= T, in any of its
                  word forms the vocabulary holds ("dog" or "dogs")
   both@T         imagenet's words, or else tagger@T's for a photo the head is not sure of
+  missing@T      the most probable concept with probability >= T that the unguided caption does
+                 not name (the tagger's "the caption left this out", made a constraint)
 
 Scores: CIDEr (Python tokenizer, pycocoevalcap) and consensus-word recall
 (captioning.lab.evaluate). Prints a markdown table and writes the numbers as JSON.
@@ -43,7 +45,8 @@ COCO = REPO_ROOT.parent / "shared" / "data" / "coco-ood"
 def encode_set(cap: Captioner, root: Path, split: str, limit: int, batch: int = 32):
     """(names, refs, grid (N, P, C) fp16, pooled (N, C)) for a split of a dataset folder."""
     ds = load_dataset(str(root))
-    names = ds.split(split)[:limit] if limit else ds.split(split)
+    names = ds.split(split) if ds.splits.get(split) else sorted(ds.captions)  # no splits: every photo
+    names = names[:limit] if limit else names
     grids, pooled = [], []
     for i in range(0, len(names), batch):
         g, p = cap.encode(cap.pixels([ds.path(n) for n in names[i:i + batch]]))
@@ -64,6 +67,29 @@ def tagger_words(tagger: Tagger, probs: torch.Tensor, itos: list[str], threshold
         k = int(row.argmax())
         c = tagger.concepts.names[k]
         ws = sorted({c, *forms.get(c, [])} & vocab) if float(row[k]) >= threshold else []
+        out.append(ws)
+    return out
+
+
+def missing_words(tagger: Tagger, probs: torch.Tensor, itos: list[str], threshold: float,
+                  captions: list[str]) -> list[list[str]]:
+    """Per photo: the word forms of the most probable concept with probability >= ``threshold``
+    that the photo's unguided caption does not name; else []."""
+    vocab = set(itos)
+    forms: dict[str, list[str]] = {}
+    for w, c in tagger.concepts.forms.items():
+        forms.setdefault(c, []).append(w)
+    out = []
+    for row, text in zip(probs, captions):
+        named = tagger.concepts.mentioned(text)
+        ws: list[str] = []
+        for k in torch.argsort(row, descending=True).tolist():
+            if float(row[k]) < threshold:
+                break
+            c = tagger.concepts.names[k]
+            if k not in named and {c, *forms.get(c, [])} & vocab:
+                ws = sorted({c, *forms.get(c, [])} & vocab)
+                break
         out.append(ws)
     return out
 
@@ -118,30 +144,25 @@ def main(argv=None) -> None:
         raise SystemExit("the default bundle has guidance off; this compares against its settings")
     tagger = Tagger.from_pretrained(encoder=cap.encoder)
     sets = {"Flickr8k dev": (Path(args.flickr8k or default_data_dir()), "dev"), "COCO dev set": (Path(args.coco), "test")}
-    rows, off, t0 = [], {}, time.time()
+    rows, t0 = [], time.time()
     for set_name, (root, split) in sets.items():
-        ds_splits = load_dataset(str(root)).splits
-        if not ds_splits.get(split):
-            split = next(s for s, v in ds_splits.items() if v)
         names, refs, grid, pooled = encode_set(cap, root, split, args.limit)
         probs = torch.as_tensor(tagger.probabilities("image", grid.float()))
+        off = []
+        for lo in range(0, len(pooled), 32):
+            off += [r.text for r in cap.caption_features(grid[lo:lo + 32].float(), pooled[lo:lo + 32], guide=False)]
         variants = {"off": None, "imagenet": None}
         for t in map(float, args.thresholds.split(",")):
             tw = tagger_words(tagger, probs, cap.vocab.itos, t)
+            mw = missing_words(tagger, probs, cap.vocab.itos, t, off)
             variants[f"tagger@{t:g}"] = lambda lo, hi, chosen, tw=tw: tw[lo:hi]
             variants[f"both@{t:g}"] = lambda lo, hi, chosen, tw=tw: [c or w for c, w in zip(chosen, tw[lo:hi])]
+            variants[f"missing@{t:g}"] = lambda lo, hi, chosen, mw=mw: mw[lo:hi]
         for v, fn in variants.items():
-            if v == "off":
-                texts = []
-                for lo in range(0, len(pooled), 32):
-                    texts += [r.text for r in cap.caption_features(grid[lo:lo + 32].float(), pooled[lo:lo + 32],
-                                                                   guide=False)]
-            else:
-                texts = decode(cap, grid, pooled, fn)
+            texts = off if v == "off" else decode(cap, grid, pooled, fn)
             preds = dict(zip(names, texts))
             cider = score_captions(preds, refs, use_java=False, metrics=("cider",)).metrics["CIDEr"]
             recall, _ = consensus_recall(preds, refs, cap.vocab.itos)
-            off = texts if v == "off" else off
             changed = sum(a != b for a, b in zip(texts, off))
             rows.append({"set": set_name, "photos": len(names), "variant": v, "CIDEr": round(cider, 4),
                          "consensus recall": round(recall, 4), "captions changed": changed})
