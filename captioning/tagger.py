@@ -238,6 +238,34 @@ def f1_scores(pred: np.ndarray, truth: np.ndarray) -> dict:
             "micro_recall": float(r), "per_concept_f1": per}
 
 
+def micro_f1_difference(pred_a: np.ndarray, pred_b: np.ndarray, truth: np.ndarray, n_boot: int = 2000,
+                        seed: int = 0) -> dict:
+    """Micro-F1 of A minus micro-F1 of B on the same photos, with a paired bootstrap over photos
+    (Efron & Tibshirani 1993; the paired form as in Koehn 2004 for MT metrics): each resample
+    draws N photos with replacement and scores both systems on them.
+
+    Args:
+        pred_a, pred_b, truth: (N, K) binary predictions of two systems and the labels.
+    Returns:
+        {"difference", "ci95": [low, high], "p_not_better": share of resamples where A <= B}.
+    """
+    pred_a, pred_b, truth = (np.asarray(x, bool) for x in (pred_a, pred_b, truth))
+
+    def counts(pred):  # per photo: (true positives, false positives, false negatives)  # (N, 3)
+        return np.stack([(pred & truth).sum(1), (pred & ~truth).sum(1), (~pred & truth).sum(1)], 1).astype(np.float64)
+
+    ca, cb = counts(pred_a), counts(pred_b)
+
+    def f1(c):  # c: (..., 3) summed counts
+        return 2 * c[..., 0] / np.maximum(2 * c[..., 0] + c[..., 1] + c[..., 2], 1e-12)
+
+    idx = np.random.default_rng(seed).integers(0, len(truth), size=(n_boot, len(truth)))  # (R, N)
+    diffs = f1(ca[idx].sum(1)) - f1(cb[idx].sum(1))  # (R,)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"difference": float(f1(ca.sum(0)) - f1(cb.sum(0))), "ci95": [float(lo), float(hi)],
+            "p_not_better": float((diffs <= 0).mean())}
+
+
 def average_precision(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per-concept average precision of (N, K) scores; NaN for a concept without positives."""
     scores, truth = np.asarray(scores, np.float64), np.asarray(truth, bool)

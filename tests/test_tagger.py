@@ -325,3 +325,28 @@ def test_tagger_guidance_constraint_words():
     assert missing_words(tagger, probs, itos, 0.5, ["two dogs", "x"]) == [["grass"], []]  # a plural names it
     g = guide_from_words([["dog", "dogs"], []], itos)
     assert g.words.shape == (2, len(itos)) and g.words[0].nonzero().flatten().tolist() == [5, 6] and not g.words[1].any()
+
+
+def test_paired_bootstrap_of_the_micro_f1_difference():
+    """The difference is the plain micro-F1 difference; a system better on many photos is never
+    'not better' in a resample; two identical systems differ by exactly 0; and a margin that
+    rests on one photo of 30 is not significant."""
+    from captioning.tagger import f1_scores, micro_f1_difference
+
+    rng = np.random.default_rng(1)
+    y = rng.random((300, 20)) < 0.2
+    good = y.copy()
+    good[:, :3] = False  # misses three concepts
+    bad = good.copy()
+    bad[:, 3:6] = False  # misses three more
+    d = micro_f1_difference(good, bad, y)
+    assert d["difference"] == pytest.approx(f1_scores(good, y)["micro_f1"] - f1_scores(bad, y)["micro_f1"])
+    assert d["difference"] > 0 and 0 < d["ci95"][0] <= d["difference"] <= d["ci95"][1] and d["p_not_better"] == 0
+    same = micro_f1_difference(good, good, y)
+    assert same["difference"] == 0 and same["ci95"] == [0, 0] and same["p_not_better"] == 1
+    # Better on one photo of 30 only: about a third of the resamples leave that photo out.
+    y30 = rng.random((30, 20)) < 0.2
+    a, b = y30.copy(), y30.copy()
+    b[0] = ~y30[0]
+    d = micro_f1_difference(a, b, y30)
+    assert d["difference"] > 0 and d["ci95"][0] == 0 and 0.2 < d["p_not_better"] < 0.5

@@ -46,7 +46,7 @@ from ..bundle import DEFAULT_MODEL, recover_swap
 from ..images import Preprocessing
 from ..paths import REPO_ROOT
 from ..tagger import (CONCEPTS, CONFIG, DEFAULT_TAGGER, FORMAT, KINDS, VERSION, VOCAB, ConceptSpace, Tagger,
-                      average_precision, build_network, f1_scores, positive_weights, tune_thresholds, weighted_bce)
+                      average_precision, build_network, f1_scores, micro_f1_difference, positive_weights, tune_thresholds, weighted_bce)
 from ..vocab import Vocab, tokenize
 from .data import CaptionDataset, load_dataset, resolve_data_dir
 from .features import FeatureCache, find_cache
@@ -561,6 +561,11 @@ def evaluate_tagger(bundle: str | Path = DEFAULT_TAGGER, data: Optional[str] = N
         per_concept["caption_words"] = s.pop("_ap"), s.pop("_f1")
         s["note"] = "mAP of 0/1 scores (the words of the captioner's caption, no ranking)"
         table["caption_words"] = s
+        # How sure the image network's margin is: a paired bootstrap over the split's photos.
+        d = micro_f1_difference(np.concatenate(probs["image"]) >= tagger.thresholds["image"][None, :], base, y)
+        margin = {"micro_f1_difference": round(d["difference"], 4),
+                  "ci95": [round(v, 4) for v in d["ci95"]], "p_not_better": round(d["p_not_better"], 4),
+                  "bootstrap_resamples": 2000}
     concepts = []
     p_img = np.concatenate(probs["image"])
     for k, name in enumerate(tagger.concepts.names):
@@ -575,6 +580,7 @@ def evaluate_tagger(bundle: str | Path = DEFAULT_TAGGER, data: Optional[str] = N
     res = {"split": split, "n_images": len(names), "n_concepts": len(tagger.concepts),
            "captions": str(cpath) if model_caps else None, "metrics": table, "per_concept": concepts}
     if model_caps:
+        res["image_vs_caption_words"] = margin
         sure_all = (p_img >= sure) & (y == 1)
         res["caption_misses"] = {
             "sure": sure, "tagger_sure_and_right": int(sure_all.sum()),
