@@ -86,9 +86,19 @@ class BeamTree:
         """Finished captions (their <end> nodes), best cumulative log-probability first."""
         return sorted((n for n in self.nodes if n.finished), key=lambda n: -n.logprob)
 
-    def positions(self) -> dict[int, tuple[float, float]]:
-        """A simple layout: x = step + 1, y = rank within the step (0 at the top); the root at (0, 0)."""
-        return {n.id: (float(n.step + 1), float(n.rank)) for n in self.nodes}
+    def positions(self, collapse_pruned: bool = False) -> dict[int, tuple[float, float]]:
+        """A simple layout: x = step + 1, y = rank within the step (0 at the top); the root at (0, 0).
+        ``collapse_pruned``: leave out the candidates that were neither kept, finished nor on the
+        marked path, and rank the rest among themselves, so no gaps are left."""
+        if not collapse_pruned:
+            return {n.id: (float(n.step + 1), float(n.rank)) for n in self.nodes}
+        shown = sorted((n for n in self.nodes if n.kept or n.finished or n.on_best or n.parent is None),
+                       key=lambda n: (n.step, n.rank))
+        pos, seen = {}, {}
+        for n in shown:  # rank order within a step is beam_tree's (-logprob, id)
+            pos[n.id] = (float(n.step + 1), float(seen.setdefault(n.step, 0)))
+            seen[n.step] += 1
+        return pos
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: {"beam_size", "nodes": [...], "edges": [[parent, child], ...]}."""

@@ -140,20 +140,6 @@ TREE_CHAR_PX = 6.2
 TREE_LABEL_PX = 13
 
 
-def tree_layout(tree, show_pruned: bool) -> dict[int, tuple[float, float]]:
-    """(x, y) of every node drawn: x = step + 1; y = rank among the nodes of its step that are
-    drawn (best log-probability at 0), so hiding the pruned candidates leaves no gaps."""
-    drawn = [n for n in tree.nodes if show_pruned or n.kept or n.finished or n.on_best or n.parent is None]
-    by_step: dict[int, list] = {}
-    for n in drawn:
-        by_step.setdefault(n.step, []).append(n)
-    pos = {}
-    for step, ns in by_step.items():
-        for r, n in enumerate(sorted(ns, key=lambda n: (-n.logprob, n.id))):
-            pos[n.id] = (float(step + 1), float(r))
-    return pos
-
-
 def place_labels(words: dict[int, str], pos: dict[int, tuple[float, float]], order: Sequence[int],
                  width_px: float = TREE_PLOT_WIDTH, row_px: float = TREE_ROW_PX) -> dict[int, str]:
     """Where each node's word is written: taken in ``order`` (most important first), a word goes
@@ -204,7 +190,7 @@ def beam_tree_figure(lattice: Optional[list[dict]], vocab, best_tokens: Optional
     if beam_best is not None and list(beam_best[0]) != list(best_tokens or []):
         other = beam_tree(lattice, vocab, best_tokens=list(beam_best[0]), best_finished=beam_best[1])
         beam_path = {n.id for n in other.nodes if n.on_best and n.parent is not None}
-    pos = tree_layout(tree, show_pruned)
+    pos = tree.positions(collapse_pruned=not show_pruned)
     fig = go.Figure()
     for style, color, width, dash, pick in (
             ("pruned", "#cccccc", 1, None, lambda c: not c.kept and not c.finished),

@@ -46,7 +46,8 @@ from ..bundle import DEFAULT_MODEL, recover_swap
 from ..images import Preprocessing
 from ..paths import REPO_ROOT
 from ..tagger import (CONCEPTS, CONFIG, DEFAULT_TAGGER, FORMAT, KINDS, VERSION, VOCAB, ConceptSpace, Tagger,
-                      average_precision, build_network, f1_scores, micro_f1_difference, positive_weights, tune_thresholds, weighted_bce)
+                      average_precision, build_network, f1_scores, micro_f1_difference, positive_weights,
+                      tune_thresholds, weighted_bce)
 from ..vocab import Vocab, tokenize
 from .data import CaptionDataset, load_dataset, resolve_data_dir
 from .features import FeatureCache, find_cache
@@ -555,6 +556,7 @@ def evaluate_tagger(bundle: str | Path = DEFAULT_TAGGER, data: Optional[str] = N
         s = scores(pr, pr >= tagger.thresholds[kind][None, :], y)
         per_concept[kind] = s.pop("_ap"), s.pop("_f1")
         table[kind] = s
+    p_img = np.concatenate(probs["image"])
     if model_caps:
         base = caption_labels(tagger.concepts, [model_caps.get(n, "") for n in names])
         s = scores(base.astype(np.float64), base.astype(bool), y)
@@ -562,12 +564,12 @@ def evaluate_tagger(bundle: str | Path = DEFAULT_TAGGER, data: Optional[str] = N
         s["note"] = "mAP of 0/1 scores (the words of the captioner's caption, no ranking)"
         table["caption_words"] = s
         # How sure the image network's margin is: a paired bootstrap over the split's photos.
-        d = micro_f1_difference(np.concatenate(probs["image"]) >= tagger.thresholds["image"][None, :], base, y)
+        n_boot = 2000
+        d = micro_f1_difference(p_img >= tagger.thresholds["image"][None, :], base, y, n_boot=n_boot)
         margin = {"micro_f1_difference": round(d["difference"], 4),
                   "ci95": [round(v, 4) for v in d["ci95"]], "p_not_better": round(d["p_not_better"], 4),
-                  "bootstrap_resamples": 2000}
+                  "bootstrap_resamples": n_boot}
     concepts = []
-    p_img = np.concatenate(probs["image"])
     for k, name in enumerate(tagger.concepts.names):
         row = {"concept": name, "test_positives": int(y[:, k].sum()),
                **{f"AP_{kind}": (None if np.isnan(ap[k]) else round(float(ap[k]), 4)) for kind, (ap, _) in per_concept.items()}}

@@ -32,7 +32,6 @@ import torch
 
 from ... import Captioner
 from ...decoding import Guide
-from ...guidance import plan as plan_imagenet
 from ...metrics import score_captions
 from ...paths import REPO_ROOT
 from ...tagger import Tagger
@@ -55,56 +54,49 @@ def encode_set(cap: Captioner, root: Path, split: str, limit: int, batch: int = 
     return names, {n: ds.captions[n] for n in names}, torch.cat(grids), torch.cat(pooled)
 
 
+def concept_forms(tagger: Tagger, itos: list[str]) -> dict[int, list[str]]:
+    """Concept index -> its word forms that the caption vocabulary holds (concepts with none left out)."""
+    vocab = set(itos)
+    forms: dict[str, set[str]] = {c: {c} for c in tagger.concepts.names}
+    for w, c in tagger.concepts.forms.items():
+        forms.setdefault(c, {c}).add(w)
+    return {k: sorted(forms[c] & vocab) for k, c in enumerate(tagger.concepts.names) if forms[c] & vocab}
+
+
 def tagger_words(tagger: Tagger, probs: torch.Tensor, itos: list[str], threshold: float) -> list[list[str]]:
     """Per photo: the word forms (in the caption vocabulary) of its most probable concept, if that
     concept's probability reaches ``threshold``; else []."""
-    vocab = set(itos)
-    forms: dict[str, list[str]] = {}
-    for w, c in tagger.concepts.forms.items():
-        forms.setdefault(c, []).append(w)
-    out = []
-    for row in probs:
-        k = int(row.argmax())
-        c = tagger.concepts.names[k]
-        ws = sorted({c, *forms.get(c, [])} & vocab) if float(row[k]) >= threshold else []
-        out.append(ws)
-    return out
+    forms = concept_forms(tagger, itos)
+    top = [int(row.argmax()) for row in probs]
+    return [forms.get(k, []) if float(row[k]) >= threshold else [] for row, k in zip(probs, top)]
 
 
 def missing_words(tagger: Tagger, probs: torch.Tensor, itos: list[str], threshold: float,
                   captions: list[str]) -> list[list[str]]:
     """Per photo: the word forms of the most probable concept with probability >= ``threshold``
     that the photo's unguided caption does not name; else []."""
-    vocab = set(itos)
-    forms: dict[str, list[str]] = {}
-    for w, c in tagger.concepts.forms.items():
-        forms.setdefault(c, []).append(w)
+    forms = concept_forms(tagger, itos)
     out = []
     for row, text in zip(probs, captions):
         named = tagger.concepts.mentioned(text)
-        ws: list[str] = []
-        for k in torch.argsort(row, descending=True).tolist():
-            if float(row[k]) < threshold:
-                break
-            c = tagger.concepts.names[k]
-            if k not in named and {c, *forms.get(c, [])} & vocab:
-                ws = sorted({c, *forms.get(c, [])} & vocab)
-                break
-        out.append(ws)
+        sure = [k for k in torch.argsort(row, descending=True).tolist() if float(row[k]) >= threshold]
+        out.append(next((forms[k] for k in sure if k not in named and k in forms), []))
     return out
 
 
-def guide_from_words(words: list[list[str]], itos: list[str], base: Guide | None = None) -> Guide:
+def guide_from_words(words: list[list[str]], itos: list[str]) -> Guide:
+    """A Guide whose row b forces one of ``words[b]`` (an empty list leaves photo b free)."""
     stoi = {w: i for i, w in enumerate(itos)}
     mask = torch.zeros(len(words), len(itos), dtype=torch.bool)
     for b, ws in enumerate(words):
         mask[b, [stoi[w] for w in ws]] = True
-    return Guide(mask, base.penalty if base is not None else None)
+    return Guide(mask)
 
 
-def decode(cap: Captioner, grid, pooled, words_for=None, batch: int = 32) -> list[str]:
+def decode(cap: Captioner, grid, pooled, words_for=None, guide: bool | None = None, batch: int = 32) -> list[str]:
     """Captions with the bundle's decoding; ``words_for(lo, hi, imagenet_words)`` -> constraint
-    words per photo of the batch replaces the ImageNet plan (None: the bundle's own guidance)."""
+    words per photo of the batch replaces the ImageNet plan (None: the bundle's own guidance, or
+    none with ``guide=False``)."""
     texts = []
     real = cap._guide
     for lo in range(0, len(pooled), batch):
@@ -123,7 +115,7 @@ def decode(cap: Captioner, grid, pooled, words_for=None, batch: int = 32) -> lis
                 return Guide(guide_from_words(ws, cap.vocab.itos).words, pen), ws
             cap._guide = patched
         try:
-            res = cap.caption_features(grid[lo:hi].float(), pooled[lo:hi])  # the bundle's guidance on
+            res = cap.caption_features(grid[lo:hi].float(), pooled[lo:hi], guide=guide)
         finally:
             cap._guide = real
         texts += [r.text for r in res]
@@ -135,7 +127,7 @@ def main(argv=None) -> None:
     ap.add_argument("--flickr8k", default=None, help="Flickr8k folder (default: ../shared/data/flickr8k)")
     ap.add_argument("--coco", default=str(COCO))
     ap.add_argument("--limit", type=int, default=0, help="first N photos of each set (0: all)")
-    ap.add_argument("--thresholds", default="0.8,0.9,0.95")
+    ap.add_argument("--thresholds", default="0.5,0.7,0.9", help="tagger probabilities to try")
     ap.add_argument("--out", default="runs/tagger_guidance.json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -148,9 +140,7 @@ def main(argv=None) -> None:
     for set_name, (root, split) in sets.items():
         names, refs, grid, pooled = encode_set(cap, root, split, args.limit)
         probs = torch.as_tensor(tagger.probabilities("image", grid.float()))
-        off = []
-        for lo in range(0, len(pooled), 32):
-            off += [r.text for r in cap.caption_features(grid[lo:lo + 32].float(), pooled[lo:lo + 32], guide=False)]
+        off = decode(cap, grid, pooled, guide=False)
         variants = {"off": None, "imagenet": None}
         for t in map(float, args.thresholds.split(",")):
             tw = tagger_words(tagger, probs, cap.vocab.itos, t)
