@@ -22,13 +22,13 @@ import torch
 from .bundle import DEFAULT_MODEL, BundleError, check_weights_header, load_bundle, read_json
 from .decoders import Decoder
 from .decoding import Ensemble, Hypothesis, Lattice, SpecialIds, beam_search, rerank_candidates, sample_decode
-from .encoders import Encoder, build_encoder, imagenet_topk
+from .encoders import Encoder, build_encoder
 from .images import ImageInput, Preprocessing, load_image, preprocess
 from .familiarity import Familiarity, FamiliarityScore, load_familiarity
 from .decode_config import DecodeConfig
 from .guidance import GuideSettings, plan as plan_guide
 from .matcher import Matcher, load_matcher
-from .recognition import Recognition, recognise
+from .recognition import Recognition, head_log_probs, recognise
 from .vocab import Vocab, detokenize
 
 
@@ -198,8 +198,11 @@ class Captioner:
 
     @torch.no_grad()
     def classify(self, image: ImageInput, k: int = 5) -> list[tuple[str, float]]:
-        """The encoder's own ImageNet top-k (label, probability) for an image."""
-        return imagenet_topk(self.encoder, self.pixels([image]), k)
+        """The encoder's own ImageNet top-k (label, probability) for an image, read as guidance
+        and ``CaptionResult.recognised`` read it (recognition.head_log_probs)."""
+        im = load_image(image)
+        grid, pooled = self.encode(preprocess(im, self.prep)[None])
+        return [(r.label, r.prob) for r in self.recognise(pooled, k, grid=grid, sizes=[im.size])[0]]
 
     @torch.no_grad()
     def caption(self, images: Union[ImageInput, Sequence[ImageInput]], decode: Optional[DecodeConfig] = None, *,
@@ -245,15 +248,23 @@ class Captioner:
         out: list[CaptionResult] = []
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for i in range(0, len(images), batch_size):
-            grid, pooled = self.encode(self.pixels(images[i:i + batch_size]))
-            out += self.caption_features(grid, pooled, cfg, return_lattice=return_lattice, generator=gen)
+            ims = [load_image(im) for im in images[i:i + batch_size]]
+            grid, pooled = self.encode(torch.stack([preprocess(im, self.prep) for im in ims]))
+            out += self.caption_features(grid, pooled, cfg, return_lattice=return_lattice, generator=gen,
+                                         image_sizes=[im.size for im in ims])
         return out
 
     @torch.no_grad()
     def caption_features(self, grid: torch.Tensor, pooled: torch.Tensor, decode: Optional[DecodeConfig] = None, *,
                          return_lattice: bool = False, generator: Optional[torch.Generator] = None,
+                         image_sizes: Optional[Sequence[Optional[tuple[int, int]]]] = None,
                          **settings) -> list[CaptionResult]:
-        """Like ``caption`` but from encoder output: grid (B, P, C), pooled (B, C)."""
+        """Like ``caption`` but from encoder output: grid (B, P, C), pooled (B, C).
+
+        ``image_sizes``: each photo's (width, height) before the stretch to a square, so that the
+        ImageNet head (guidance, ``recognised``) also reads the central square of a photo that is
+        not square, as ``caption`` does (recognition.head_log_probs); None: the stretched view only.
+        """
         req = (decode or DecodeConfig()).replace(**settings)
         bundle = self.decoding
         length_penalty = bundle.length_penalty if req.length_penalty is None else req.length_penalty
@@ -274,7 +285,7 @@ class Captioner:
             settings = None
         if method == "beam":
             lat = Lattice() if return_lattice else None
-            plan, chosen = self._guide(pooled, settings)
+            plan, chosen = self._guide(grid, pooled, settings, image_sizes)
             hyps = beam_search(self.decoder, grid, pooled, beam_size=beam_size,
                                nbest=pool, length_penalty=length_penalty, lattice=lat, guide=plan,
                                **common)
@@ -291,41 +302,54 @@ class Captioner:
                     caps.sort(key=lambda c: -c.score)
                 out.append(CaptionResult(caps[:nbest], lat.steps[b] if lat else None,
                                          guided=chosen[b] if chosen is not None else None))
-            return self._annotate(out, pooled)
+            return self._annotate(out, grid, pooled, image_sizes)
         if method in ("greedy", "sample"):
             hyps = sample_decode(self.decoder, grid, pooled, greedy=method == "greedy", temperature=req.temperature,
                                  top_k=req.top_k, generator=generator, **common)
-            return self._annotate([CaptionResult([self._words(h)]) for h in hyps], pooled)
+            return self._annotate([CaptionResult([self._words(h)]) for h in hyps], grid, pooled, image_sizes)
         raise ValueError(f"unknown method {method!r}; valid: beam, greedy, sample")
 
     @torch.no_grad()
-    def recognise(self, pooled: torch.Tensor, k: int = 5) -> list[list[Recognition]]:
+    def recognise(self, pooled: torch.Tensor, k: int = 5, grid: Optional[torch.Tensor] = None,
+                  sizes: Optional[Sequence[Optional[tuple[int, int]]]] = None) -> list[list[Recognition]]:
         """The encoder's ImageNet top-k from pooled features (B, C), with caption words
-        (recognition.py): the head reads the pooled features, so this costs one linear layer."""
-        return recognise(self.encoder.head(pooled.float()[:, :, None, None]), k)
+        (recognition.py): the head reads the pooled features, so this costs one linear layer.
+        With the grid (B, P, C) and the photos' (width, height), a photo that is not square is
+        also read in its central square (recognition.head_log_probs)."""
+        return recognise(self._head_log_probs(grid, pooled, sizes), k)
 
-    def _guide(self, pooled, settings: Optional[GuideSettings]):
+    def _head_log_probs(self, grid, pooled, sizes) -> torch.Tensor:
+        """(B, 1000) ImageNet log-probabilities of the bundle's own view (an ensemble whose members
+        read different views gives lists; the first is the bundle's). Raises NotImplementedError
+        for an encoder without an ImageNet head."""
+        p = pooled[0] if isinstance(pooled, (list, tuple)) else pooled
+        g = grid[0] if isinstance(grid, (list, tuple)) else grid
+        if g is None or g.shape[-1] != p.shape[-1]:
+            g, sizes = p[:, None, :], None
+        return head_log_probs(self.encoder.head, g, p, sizes)
+
+    def _own_view(self, pooled) -> bool:
+        p = pooled[0] if isinstance(pooled, (list, tuple)) else pooled
+        return p.shape[-1] == getattr(self.encoder, "feature_dim", p.shape[-1])
+
+    def _guide(self, grid, pooled, settings: Optional[GuideSettings], sizes=None):
         """(Guide for beam_search, constraint words per image), or (None, None) when guidance is
         off or the encoder has no ImageNet head to guide with."""
-        if settings is None:
-            return None, None
-        p = pooled[0] if isinstance(pooled, (list, tuple)) else pooled
-        if p.shape[-1] != getattr(self.encoder, "feature_dim", p.shape[-1]):
+        if settings is None or not self._own_view(pooled):
             return None, None
         try:
-            logits = self.encoder.head(p.float()[:, :, None, None])
+            logits = self._head_log_probs(grid, pooled, sizes)
         except NotImplementedError:
             return None, None
         return plan_guide(logits, self.vocab.itos, settings)
 
-    def _annotate(self, results: list[CaptionResult], pooled) -> list[CaptionResult]:
-        # Members of an ensemble reading different views give a list; the first is the bundle's own.
-        p = pooled[0] if isinstance(pooled, (list, tuple)) else pooled
-        if p.shape[-1] != getattr(self.encoder, "feature_dim", p.shape[-1]):
+    def _annotate(self, results: list[CaptionResult], grid, pooled, sizes=None) -> list[CaptionResult]:
+        if not self._own_view(pooled):
             return results
+        p = pooled[0] if isinstance(pooled, (list, tuple)) else pooled
         fam = self.familiarity.score(p) if self.familiarity is not None and self.familiarity.feature_dim == p.shape[-1] else None
         try:
-            rec = self.recognise(p)
+            rec = recognise(self._head_log_probs(grid, pooled, sizes))
         except NotImplementedError:  # an encoder without an ImageNet head
             rec = None
         for i, r in enumerate(results):

@@ -155,6 +155,20 @@ def load_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
             opened.close()
 
 
+def upright_size(path: Union[str, Path]) -> tuple[int, int]:
+    """(width, height) of an image file as ``load_image`` returns it (EXIF rotation applied), from
+    its header alone. Raises ImageError (one line, naming the file) where the header cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+                orientation = im.getexif().get(0x0112, 1)
+    except Exception as e:
+        raise ImageError(f"{path}: cannot read the image's size ({_reason(e)})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # the rotations by 90 degrees
+
+
 def _decode(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
     """Checks on the header, then the pixels: a loaded, upright RGB copy of ``im``."""
     w, h = im.size

@@ -4,6 +4,14 @@
 maps each of the 1,000 classes to the vocabulary words that name it (Egyptian cat -> cat, cats;
 every dog breed -> dog, dogs; espresso -> coffee, cup). Classes without a fitting word map to
 nothing. Nothing here needs WordNet.
+
+Which view the head reads (``head_log_probs``): the decoder reads the photo stretched to a square,
+as it was trained (images.py), but ImageNet classifiers are trained on square crops of photos
+whose aspect was kept. For a photo that is not square, the head's probabilities are averaged over
+the whole stretched photo and its central square, pooled from the same feature grid (the grid
+cells the central square covers, weighted by how much of each it covers): no second encoder
+pass. On the COCO dev set (photos of many aspects) this made more of the forced words right
+(docs/ood.md); a square photo is read exactly as before.
 """
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -59,6 +67,50 @@ def words_for(label: str) -> list[str]:
         return list(words[names.index(label)])
     except ValueError:
         raise KeyError(f"unknown ImageNet class {label!r}") from None
+
+
+def centre_weights(size: tuple[int, int], side: int) -> torch.Tensor:
+    """How much of each cell of a ``side`` x ``side`` feature grid of the stretched photo lies in
+    the photo's central square, normalised to sum to 1: (side * side,), row-major like the grid.
+    ``size`` is the photo's (width, height) before the stretch; a square photo gives uniform weights."""
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image size must be positive, got {size}")
+    edges = torch.arange(side + 1, dtype=torch.float64) / side
+
+    def overlap(lo: float, hi: float) -> torch.Tensor:  # (side,) length of each cell inside [lo, hi]
+        return (torch.minimum(edges[1:], torch.tensor(hi)) - torch.maximum(edges[:-1], torch.tensor(lo))).clamp(min=0)
+
+    short = min(w, h)
+    fx = overlap((w - short) / (2 * w), (w + short) / (2 * w))  # (side,)
+    fy = overlap((h - short) / (2 * h), (h + short) / (2 * h))  # (side,)
+    m = torch.outer(fy, fx).flatten()  # (side * side,)
+    return (m / m.sum()).float()
+
+
+def head_log_probs(head, grid: torch.Tensor, pooled: torch.Tensor,
+                   sizes: Optional[Sequence[Optional[tuple[int, int]]]] = None) -> torch.Tensor:
+    """The ImageNet head's log-probabilities, read as the module docstring says.
+
+    Args:
+        head: the encoder's ``head`` ((B, C, 1, 1) -> (B, 1000) logits).
+        grid: (B, P, C) feature grid of the stretched photos, P a square number.
+        pooled: (B, C) their mean over the grid.
+        sizes: each photo's (width, height) before the stretch; None (for all, or for one photo):
+            unknown, and the whole stretched photo alone is read.
+    Returns:
+        (B, 1000) log-probabilities (``recognise`` and ``word_evidence`` take them as logits).
+    """
+    p = torch.softmax(head(pooled.float()[:, :, None, None]).float(), -1)  # (B, 1000)
+    side = int(round(grid.shape[1] ** 0.5))
+    rows = [b for b, s in enumerate(sizes or []) if s is not None and s[0] != s[1]]
+    if rows and side * side == grid.shape[1]:
+        wts = torch.stack([centre_weights(sizes[b], side) for b in rows])  # (R, P)
+        centre = torch.einsum("rp,rpc->rc", wts, grid[rows].float())  # (R, C)
+        pc = torch.softmax(head(centre[:, :, None, None]).float(), -1)  # (R, 1000)
+        p = p.clone()
+        p[rows] = (p[rows] + pc) / 2
+    return p.clamp_min(1e-12).log()
 
 
 def recognise(logits: torch.Tensor, k: int = 5) -> list[list[Recognition]]:

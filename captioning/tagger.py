@@ -21,9 +21,7 @@ The tagger shares the encoder's forward pass with the captioner::
 
     cap = Captioner.from_pretrained()
     tagger = Tagger.from_pretrained(encoder=cap.encoder)
-    grid, pooled = cap.encode(cap.pixels(["photo.jpg"]))
-    caption = cap.caption_features(grid, pooled)[0]
-    tags = tagger.tag_features(grid, pooled, captions=[caption.text])[0]
+    [(caption, tags)] = caption_and_tag(cap, tagger, ["photo.jpg"])
 """
 from __future__ import annotations
 
@@ -553,7 +551,8 @@ class Tagger:
 def caption_and_tag(captioner, tagger: Tagger, images: Sequence[ImageInput], **caption_kw):
     """Caption and tag photos from one encoder pass: [(CaptionResult, TagResult)]. The tags mark
     which concepts the caption names; with the joint network, its tags read the caption too."""
-    grid, pooled = captioner.encode(captioner.pixels(images))
-    caps = captioner.caption_features(grid, pooled, **caption_kw)
+    ims = [captioner.load(im) for im in images]
+    grid, pooled = captioner.encode(captioner.pixels(ims))
+    caps = captioner.caption_features(grid, pooled, image_sizes=[im.size for im in ims], **caption_kw)
     tags = tagger.tag_features(grid, pooled, captions=[c.text for c in caps], maps=False)
     return list(zip(caps, tags))

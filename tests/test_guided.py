@@ -217,6 +217,33 @@ def test_api_guides_the_cat_photo(cat_photo):
         cap.caption(cat_photo, guide=True, method="greedy")
 
 
+# The four package photos and the words that name their main object.
+NAMED = {"chelsea (cat)": {"cat", "cats"}, "coffee": {"coffee", "cup", "cups"}, "rocket": {"rocket", "rockets"},
+         "motorcycle": {"motorcycle", "motorcycles", "bike", "bikes", "scooter", "scooters"}}
+
+
+@pytest.fixture(scope="module")
+def default_captioner():
+    from captioning.api import Captioner
+
+    return Captioner.from_pretrained()
+
+
+@pytest.mark.parametrize("sample", list(NAMED))
+def test_the_package_photos_are_named_in_the_default_caption(sample, default_captioner):
+    pytest.importorskip("skimage", reason="the photos ship with scikit-image")
+    from captioning.samples import load_sample
+
+    cap, im = default_captioner, load_sample(sample)
+    res = cap.caption(im)[0]
+    assert NAMED[sample] & set(res.words), res.text
+    assert set(res.guided) <= NAMED[sample] | {"mug", "mugs"}, res.guided
+    # caption() and caption_features() with the photo's size read the same view; so does classify().
+    grid, pooled = cap.encode(cap.pixels([im]))
+    assert cap.caption_features(grid, pooled, image_sizes=[im.size])[0].text == res.text
+    assert cap.classify(im, 1)[0] == (res.recognised[0].label, pytest.approx(res.recognised[0].prob, abs=1e-6))
+
+
 def test_cli_guide_flags(cat_photo, capsys):
     import json
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.images import ImageError, Preprocessing, load_image, preprocess, unnormalize
+from captioning.images import ImageError, Preprocessing, load_image, preprocess, unnormalize, upright_size
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -162,6 +162,18 @@ def test_exif_rotated_jpeg(tmp_path):
     # Rotating clockwise brings the left (red) half to the top.
     assert close(out.getpixel((10, 5)), RED, tol=40)
     assert close(out.getpixel((10, 34)), BLUE, tol=40)
+    assert upright_size(p) == out.size  # read from the header alone, rotation included
+
+
+def test_upright_size_of_a_plain_and_a_broken_file(tmp_path):
+    p = tmp_path / "plain.png"
+    two_halves(40, 20).save(p)
+    assert upright_size(p) == (40, 20) == load_image(p).size
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageError) as e:
+        upright_size(bad)
+    assert_one_line_error(e, "bad.jpg")
 
 
 def test_animated_gif_first_frame(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from captioning import recognition
 from captioning.encoders import imagenet_classes
-from captioning.recognition import class_words, recognise, word_evidence, words_for
+from captioning.recognition import centre_weights, class_words, head_log_probs, recognise, word_evidence, words_for
 from captioning.lab.tools.imagenet_words import WordNet, class_words as climb, inflections
 
 VOCAB = set(json.loads(open("assets/models/show_attend_tell/vocab.json").read())["itos"])
@@ -62,6 +62,40 @@ def test_recognise_and_word_evidence_on_known_logits():
     assert ev[0]["cat"] > 0.99 and "coffee" not in ev[0]
     assert ev[1]["coffee"] > 0.99
     assert word_evidence(logits, {"cats"})[0].keys() == {"cats"}
+
+
+def test_centre_weights_cover_the_central_square():
+    assert torch.allclose(centre_weights((300, 300), 7), torch.full((49,), 1 / 49))
+    # 700 x 300: the central 300 x 300 square is x in [2/7, 5/7] of the stretched photo, columns 2-4.
+    wide = centre_weights((700, 300), 7).view(7, 7)
+    assert torch.allclose(wide[:, 2:5], torch.full((7, 3), 1 / 21)) and wide[:, [0, 1, 5, 6]].sum() < 1e-6
+    assert torch.allclose(centre_weights((300, 700), 7).view(7, 7), wide.T)  # tall: rows 2-4
+    # Cells the square only partly covers count by how much: the square of a 640 x 427 photo starts at x = 0.166.
+    w = centre_weights((640, 427), 7).view(7, 7)[0].tolist()
+    assert w[0] == 0 and w[6] == 0 and 0 < w[1] < w[2] and w[1] == pytest.approx(w[5], rel=1e-4)
+    assert w[1] / w[2] == pytest.approx((2 / 7 - (640 - 427) / 1280) * 7, rel=1e-4)  # column 1 is [1/7, 2/7]
+    assert centre_weights((640, 427), 7).sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        centre_weights((0, 10), 7)
+
+
+def test_the_head_also_reads_the_central_square_of_a_photo_that_is_not_square():
+    """A 700 x 300 photo whose middle (grid columns 2-4) shows class 7 and whose sides show class 3:
+    read whole (stretched) the sides win; with the central square the head sees class 7 too."""
+    C = 8
+    head = lambda x: 4 * x.flatten(1) @ torch.eye(C, 1000)  # (B, C, 1, 1) -> (B, 1000): feature c votes class c
+    grid = torch.zeros(3, 49, C)
+    g = grid.view(3, 7, 7, C)
+    g[:, :, [0, 1, 5, 6], 3] = 1.0
+    g[:, :, 2:5, 7] = 1.0
+    pooled = grid.mean(1)  # (3, C)
+    out = head_log_probs(head, grid, pooled, [(700, 300), (300, 300), None])  # (3, 1000)
+    whole = torch.log_softmax(head(pooled[:, :, None, None]), -1)
+    centre = torch.log_softmax(head(g[:, :, 2:5].mean((1, 2))[:, :, None, None]), -1)
+    assert torch.allclose(out[0].exp(), (whole[0].exp() + centre[0].exp()) / 2, atol=1e-6)
+    assert torch.allclose(out[1:], whole[1:], atol=1e-6)  # a square photo or an unknown size: the whole photo only
+    assert whole[0, 3] > whole[0, 7] and out[0, 7] > out[0, 3]
+    assert torch.allclose(head_log_probs(head, grid, pooled), whole, atol=1e-6)
 
 
 def test_a_bad_table_is_a_one_line_error(tmp_path):

@@ -16,6 +16,7 @@ from ..bundle import DEFAULT_MODEL, read_config
 from ..decode_config import DecodeConfig
 from ..decoding import Ensemble
 from ..encoders import Encoder, build_encoder
+from ..images import upright_size
 from ..paths import REPO_ROOT
 from .data import load_dataset, resolve_data_dir
 from .features import FeatureCache, find_cache
@@ -74,7 +75,8 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
             grid, pooled = feats[keys[0]]
         else:  # members that read different inputs get one grid each (Ensemble.start)
             grid, pooled = [feats[k][0] for k in keys], [feats[k][1] for k in keys]
-        for n, r in zip(names, cap.caption_features(grid, pooled, dc)):
+        sizes = [upright_size(ds.path(n)) for n in names]  # the head also reads a photo's central square
+        for n, r in zip(names, cap.caption_features(grid, pooled, dc, image_sizes=sizes)):
             preds[n] = r.text
     s = score_captions(preds, {n: ds.captions[n] for n in images}, use_java=use_java, per_image=True)
     recall, per_recall = consensus_recall(preds, {n: ds.captions[n] for n in images}, cap.vocab.itos)

@@ -685,8 +685,9 @@ def _cmd_tag(a) -> int:
     for path in a.images:
         try:
             if captioner is not None:
-                grid, pooled = captioner.encode(captioner.pixels([path]))
-                cap = captioner.caption_features(grid, pooled)[0].text
+                im = captioner.load(path)
+                grid, pooled = captioner.encode(captioner.pixels([im]))
+                cap = captioner.caption_features(grid, pooled, image_sizes=[im.size])[0].text
                 r = tagger.tag_features(grid, pooled, [cap], a.threshold)[0]
             else:
                 r = tagger.tag(path, threshold=a.threshold)[0]

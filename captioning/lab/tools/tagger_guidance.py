@@ -42,16 +42,19 @@ COCO = REPO_ROOT.parent / "shared" / "data" / "coco-ood"
 
 
 def encode_set(cap: Captioner, root: Path, split: str, limit: int, batch: int = 32):
-    """(names, refs, grid (N, P, C) fp16, pooled (N, C)) for a split of a dataset folder."""
+    """(names, refs, grid (N, P, C) fp16, pooled (N, C), each photo's (width, height)) for a split
+    of a dataset folder."""
     ds = load_dataset(str(root))
     names = ds.split(split) if ds.splits.get(split) else sorted(ds.captions)  # no splits: every photo
     names = names[:limit] if limit else names
-    grids, pooled = [], []
+    grids, pooled, sizes = [], [], []
     for i in range(0, len(names), batch):
-        g, p = cap.encode(cap.pixels([ds.path(n) for n in names[i:i + batch]]))
+        ims = [cap.load(ds.path(n)) for n in names[i:i + batch]]
+        g, p = cap.encode(cap.pixels(ims))
         grids.append(g.half())
         pooled.append(p)
-    return names, {n: ds.captions[n] for n in names}, torch.cat(grids), torch.cat(pooled)
+        sizes += [im.size for im in ims]
+    return names, {n: ds.captions[n] for n in names}, torch.cat(grids), torch.cat(pooled), sizes
 
 
 def concept_forms(tagger: Tagger, itos: list[str]) -> dict[int, list[str]]:
@@ -93,7 +96,7 @@ def guide_from_words(words: list[list[str]], itos: list[str]) -> Guide:
     return Guide(mask)
 
 
-def decode(cap: Captioner, grid, pooled, words_for=None, guide: bool | None = None, batch: int = 32) -> list[str]:
+def decode(cap: Captioner, grid, pooled, sizes, words_for=None, guide: bool | None = None, batch: int = 32) -> list[str]:
     """Captions with the bundle's decoding; ``words_for(lo, hi, imagenet_words)`` -> constraint
     words per photo of the batch replaces the ImageNet plan (None: the bundle's own guidance, or
     none with ``guide=False``)."""
@@ -102,8 +105,8 @@ def decode(cap: Captioner, grid, pooled, words_for=None, guide: bool | None = No
     for lo in range(0, len(pooled), batch):
         hi = min(lo + batch, len(pooled))
         if words_for is not None:
-            def patched(p, settings, lo=lo, hi=hi):
-                g, chosen = real(p, settings)
+            def patched(gr, p, settings, sz=None, lo=lo, hi=hi):
+                g, chosen = real(gr, p, settings, sz)
                 ws = words_for(lo, hi, chosen)
                 # The ImageNet plan's penalties apply only to photos whose constraint came from it.
                 pen = None
@@ -115,7 +118,7 @@ def decode(cap: Captioner, grid, pooled, words_for=None, guide: bool | None = No
                 return Guide(guide_from_words(ws, cap.vocab.itos).words, pen), ws
             cap._guide = patched
         try:
-            res = cap.caption_features(grid[lo:hi].float(), pooled[lo:hi], guide=guide)
+            res = cap.caption_features(grid[lo:hi].float(), pooled[lo:hi], guide=guide, image_sizes=sizes[lo:hi])
         finally:
             cap._guide = real
         texts += [r.text for r in res]
@@ -138,9 +141,9 @@ def main(argv=None) -> None:
     sets = {"Flickr8k dev": (Path(args.flickr8k or default_data_dir()), "dev"), "COCO dev set": (Path(args.coco), "test")}
     rows, t0 = [], time.time()
     for set_name, (root, split) in sets.items():
-        names, refs, grid, pooled = encode_set(cap, root, split, args.limit)
+        names, refs, grid, pooled, sizes = encode_set(cap, root, split, args.limit)
         probs = torch.as_tensor(tagger.probabilities("image", grid.float()))
-        off = decode(cap, grid, pooled, guide=False)
+        off = decode(cap, grid, pooled, sizes, guide=False)
         variants = {"off": None, "imagenet": None}
         for t in map(float, args.thresholds.split(",")):
             tw = tagger_words(tagger, probs, cap.vocab.itos, t)
@@ -149,7 +152,7 @@ def main(argv=None) -> None:
             variants[f"both@{t:g}"] = lambda lo, hi, chosen, tw=tw: [c or w for c, w in zip(chosen, tw[lo:hi])]
             variants[f"missing@{t:g}"] = lambda lo, hi, chosen, mw=mw: mw[lo:hi]
         for v, fn in variants.items():
-            texts = off if v == "off" else decode(cap, grid, pooled, fn)
+            texts = off if v == "off" else decode(cap, grid, pooled, sizes, fn)
             preds = dict(zip(names, texts))
             cider = score_captions(preds, refs, use_java=False, metrics=("cider",)).metrics["CIDEr"]
             recall, _ = consensus_recall(preds, refs, cap.vocab.itos)
