@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 from captioning import Captioner  # noqa: E402
+from captioning.images import upright_size  # noqa: E402
 from captioning.lab.data import load_dataset  # noqa: E402
 from captioning.lab.evaluate import _View  # noqa: E402
 from captioning.lab.train import DEFAULT_FEATURES  # noqa: E402
@@ -58,12 +59,13 @@ def main() -> None:
     ds = load_dataset(a.data)
     names = ds.split(a.split)[: a.batch]
     grid, pooled = _View(cap, ds, DEFAULT_FEATURES).features(names)
-    guided_share = sum(bool(r.guided) for r in cap.caption_features(grid, pooled, guide=True)) / len(names)
+    sizes = [upright_size(ds.path(n)) for n in names]  # the head also reads a photo's central square
+    guided_share = sum(bool(r.guided) for r in cap.caption_features(grid, pooled, guide=True, image_sizes=sizes)) / len(names)
     pixels = cap.pixels([ds.path(n) for n in names])
     rows = []
     for what, fn in (
-        ("decoding only", lambda g: cap.caption_features(grid, pooled, beam_size=3, guide=g)),
-        ("encoder + decoding", lambda g: cap.caption_features(*cap.encode(pixels), beam_size=3, guide=g)),
+        ("decoding only", lambda g: cap.caption_features(grid, pooled, beam_size=3, guide=g, image_sizes=sizes)),
+        ("encoder + decoding", lambda g: cap.caption_features(*cap.encode(pixels), beam_size=3, guide=g, image_sizes=sizes)),
     ):
         off, on, every = median_times([lambda: fn(False), lambda: fn(True), lambda: fn(EVERY)], a.runs)
         rows.append((what, off, on, every))

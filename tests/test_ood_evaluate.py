@@ -84,3 +84,35 @@ def test_evaluate_bad_data_folder_is_one_line(tmp_path, capsys):
     assert main(["evaluate", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_paired_bootstrap_of_two_evaluate_runs(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from captioning.lab.tools.paired_bootstrap import main, paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0, 1, 100)
+    better = paired_bootstrap(a, a + rng.uniform(0.01, 0.1, 100))
+    assert better["difference"] > 0 and better["ci95"][0] > 0 and better["b_ahead"] == 1.0
+    worse = paired_bootstrap(a + 0.05, a)
+    assert worse["difference"] == pytest.approx(-0.05) and worse["ci95"][1] < 0 and worse["b_ahead"] == 0.0
+    same = paired_bootstrap(a, a.copy())
+    assert same["difference"] == 0 and same["ci95"] == (0.0, 0.0)
+    # A margin that rests on one photo of 30 is not one the interval can tell from nothing.
+    one = np.zeros(30)
+    one[7] = 3.0
+    lucky = paired_bootstrap(np.zeros(30), one)
+    assert lucky["difference"] == pytest.approx(0.1) and lucky["ci95"][0] == 0.0 < lucky["b_ahead"] < 1
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, a[:10])
+    # Through the command line, on two evaluate caption files that share only some photos.
+    for name, rows in (("a.json", [("p1", 0.2), ("p2", 0.4), ("p3", 0.1)]), ("b.json", [("p1", 0.3), ("p2", 0.6)])):
+        (tmp_path / name).write_text(json.dumps([{"image": i, "caption": "x", "CIDEr": s} for i, s in rows]))
+    main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--metrics", "CIDEr"])
+    out = capsys.readouterr().out
+    assert "| CIDEr | 2 | 0.3000 | 0.4500 | +0.1500 |" in out
+    with pytest.raises(SystemExit, match="no such file"):
+        main([str(tmp_path / "missing.json"), str(tmp_path / "b.json")])
