@@ -688,6 +688,19 @@ def test_encoder_page(models):
     no_exceptions(at)
     top = at.dataframe[0].value
     assert len(top) == 5 and top["probability"].is_monotonic_decreasing
+    assert not [c for c in at.caption if "central square" in c.value]  # the default sample is square
+    # A photo that is not square: the table is the head's reading of the whole photo and its central
+    # square, the same as the library's classify() and the Caption page's "recognised".
+    at.selectbox(key="sample").set_value("rocket").run()
+    no_exceptions(at)
+    from captioning.api import Captioner
+    from captioning.samples import load_sample
+
+    expected = Captioner.from_pretrained(models / "show_attend_tell").classify(load_sample("rocket"), 5)
+    top = at.dataframe[0].value
+    assert [c for c in at.caption if "central square" in c.value]
+    assert list(top["class"]) == [n for n, _ in expected]
+    assert list(top["probability"]) == pytest.approx([round(p, 4) for _, p in expected], abs=1e-4)
     assert at.selectbox(key="enc_layer").value == "head"
     at.selectbox(key="enc_layer").set_value("stage1.block0").run()
     no_exceptions(at)

@@ -26,6 +26,10 @@ with right:
     st.dataframe([{"class": name, "probability": round(p, 4)} for name, p in top], hide_index=True, width="stretch",
                  column_config={"probability": st.column_config.ProgressColumn("probability", min_value=0.0,
                                                                               max_value=1.0, format="%.3f")})
+    if cur.image.width != cur.image.height:
+        st.caption("The photo is not square: these are the head's probabilities averaged over the whole photo (stretched "
+                   "to a square, as the decoder reads it) and its central square, the framing ImageNet classifiers "
+                   "learn from. Guided decoding reads the same.")
 
 st.divider()
 st.subheader("Top channels of a layer")
