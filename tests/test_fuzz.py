@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,10 @@ def test_seeded_fuzz_run_finds_nothing(tmp_path, target, runs, max_len):
     p = run_fuzzer(target, [str(corpus), f"-runs={runs}", "-seed=1", f"-max_len={max_len}", "-timeout=30",
                             "-rss_limit_mb=3000", f"-artifact_prefix={tmp_path}/"], cwd=tmp_path)
     assert p.returncode == 0, _failure(p)
-    assert f"Done {runs} runs" in p.stderr, _failure(p)
+    # libFuzzer may report a few more runs than -runs ("Done 1503 runs" for 1500 was seen on
+    # 2026-12-02); fewer would mean it stopped early.
+    done = re.search(r"Done (\d+) runs", p.stderr)
+    assert done and int(done.group(1)) >= runs, _failure(p)
     assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("oom-*"))
     assert len(list(corpus.iterdir())) >= 3  # the seeds were written and read
 

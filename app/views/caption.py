@@ -154,10 +154,13 @@ if m is not None:
     with cols[2]:
         # One button per photo, caption, word and method: its click belongs to that map only.
         bkey = "faith_check-" + photos.digest(repr(fkey).encode())[:12]
-        if fkey not in done and st.button("Check this map's faithfulness", key=bkey, icon=":material/fact_check:",
-                                          help=f"Delete and reveal the map's pixels in its order, against "
-                                               f"{explanations.RANDOM_SEEDS} random orders (a few seconds)"):
-            done.add(fkey)
+        # The click is recorded by a callback, which Streamlit runs before the next script run: a
+        # click that lands while a run is still going (a cached page redraws fast) interrupts that
+        # run, and the button's own True can then be lost; the callback's mark is not.
+        if fkey not in done:
+            st.button("Check this map's faithfulness", key=bkey, icon=":material/fact_check:", on_click=done.add,
+                      args=(fkey,), help=f"Delete and reveal the map's pixels in its order, against "
+                                         f"{explanations.RANDOM_SEEDS} random orders (a few seconds)")
         if fkey in done:
             try:
                 with st.spinner("Deleting and inserting pixels..."):

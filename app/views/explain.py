@@ -51,12 +51,11 @@ if section == SECTIONS[0]:
     # seconds a word) and cached per word, so a badge once computed stays.
     gkey = (cur.model.key, cur.digest, tokens, method)
     checked = st.session_state.setdefault("gallery_faith_done", set())
-    if gkey not in checked and st.button(
-            f"Check the faithfulness of all {len(words)} maps", key="gallery_faith-" + key + "-" + method,
-            icon=":material/fact_check:",
-            help=f"For each word, delete and reveal the map's pixels in its order, against "
-                 f"{explanations.RANDOM_SEEDS} random orders (a few seconds a word)"):
-        checked.add(gkey)
+    if gkey not in checked:  # a callback records the click (see the Caption page's faithfulness button)
+        st.button(f"Check the faithfulness of all {len(words)} maps", key="gallery_faith-" + key + "-" + method,
+                  icon=":material/fact_check:", on_click=checked.add, args=(gkey,),
+                  help=f"For each word, delete and reveal the map's pixels in its order, against "
+                       f"{explanations.RANDOM_SEEDS} random orders (a few seconds a word)")
     ncol = 4
     cols = st.columns(ncol)
     maps = {}
