@@ -197,12 +197,20 @@ class Captioner:
         return self.encoder(pixels)
 
     @torch.no_grad()
+    def encode_images(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Images -> grid (B, P, C) and pooled (B, C) of the stretched photos, and each photo's
+        (width, height) before the stretch (``caption_features``' ``image_sizes``). Raises
+        ImageError for the first bad image."""
+        ims = [load_image(im) for im in images]
+        grid, pooled = self.encode(torch.stack([preprocess(im, self.prep) for im in ims]))
+        return grid, pooled, [im.size for im in ims]
+
+    @torch.no_grad()
     def classify(self, image: ImageInput, k: int = 5) -> list[tuple[str, float]]:
         """The encoder's own ImageNet top-k (label, probability) for an image, read as guidance
         and ``CaptionResult.recognised`` read it (recognition.head_log_probs)."""
-        im = load_image(image)
-        grid, pooled = self.encode(preprocess(im, self.prep)[None])
-        return [(r.label, r.prob) for r in self.recognise(pooled, k, grid=grid, sizes=[im.size])[0]]
+        grid, pooled, sizes = self.encode_images([image])
+        return [(r.label, r.prob) for r in self.recognise(pooled, k, grid=grid, sizes=sizes)[0]]
 
     @torch.no_grad()
     def caption(self, images: Union[ImageInput, Sequence[ImageInput]], decode: Optional[DecodeConfig] = None, *,
@@ -248,10 +256,9 @@ class Captioner:
         out: list[CaptionResult] = []
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for i in range(0, len(images), batch_size):
-            ims = [load_image(im) for im in images[i:i + batch_size]]
-            grid, pooled = self.encode(torch.stack([preprocess(im, self.prep) for im in ims]))
+            grid, pooled, sizes = self.encode_images(images[i:i + batch_size])
             out += self.caption_features(grid, pooled, cfg, return_lattice=return_lattice, generator=gen,
-                                         image_sizes=[im.size for im in ims])
+                                         image_sizes=sizes)
         return out
 
     @torch.no_grad()

@@ -551,8 +551,7 @@ class Tagger:
 def caption_and_tag(captioner, tagger: Tagger, images: Sequence[ImageInput], **caption_kw):
     """Caption and tag photos from one encoder pass: [(CaptionResult, TagResult)]. The tags mark
     which concepts the caption names; with the joint network, its tags read the caption too."""
-    ims = [captioner.load(im) for im in images]
-    grid, pooled = captioner.encode(captioner.pixels(ims))
-    caps = captioner.caption_features(grid, pooled, image_sizes=[im.size for im in ims], **caption_kw)
+    grid, pooled, sizes = captioner.encode_images(images)
+    caps = captioner.caption_features(grid, pooled, image_sizes=sizes, **caption_kw)
     tags = tagger.tag_features(grid, pooled, captions=[c.text for c in caps], maps=False)
     return list(zip(caps, tags))

@@ -685,9 +685,8 @@ def _cmd_tag(a) -> int:
     for path in a.images:
         try:
             if captioner is not None:
-                im = captioner.load(path)
-                grid, pooled = captioner.encode(captioner.pixels([im]))
-                cap = captioner.caption_features(grid, pooled, image_sizes=[im.size])[0].text
+                grid, pooled, sizes = captioner.encode_images([path])
+                cap = captioner.caption_features(grid, pooled, image_sizes=sizes)[0].text
                 r = tagger.tag_features(grid, pooled, [cap], a.threshold)[0]
             else:
                 r = tagger.tag(path, threshold=a.threshold)[0]

@@ -49,11 +49,10 @@ def encode_set(cap: Captioner, root: Path, split: str, limit: int, batch: int = 
     names = names[:limit] if limit else names
     grids, pooled, sizes = [], [], []
     for i in range(0, len(names), batch):
-        ims = [cap.load(ds.path(n)) for n in names[i:i + batch]]
-        g, p = cap.encode(cap.pixels(ims))
+        g, p, sz = cap.encode_images([ds.path(n) for n in names[i:i + batch]])
         grids.append(g.half())
         pooled.append(p)
-        sizes += [im.size for im in ims]
+        sizes += sz
     return names, {n: ds.captions[n] for n in names}, torch.cat(grids), torch.cat(pooled), sizes
 
 
