@@ -188,9 +188,23 @@ def plain_word(label: str) -> str:
     return re.sub(r" \(\d+\)$", "", label.split(" · ")[0]).strip()
 
 
+IDLE_JS = """() => {
+  const busy = document.querySelector('[data-testid="stStatusWidget"], [data-testid="stSpinner"], [data-stale="true"]');
+  const now = performance.now();
+  if (busy) { window.__idleSince = null; return false; }
+  if (window.__idleSince == null) window.__idleSince = now;
+  return now - window.__idleSince > 750;
+}"""
+
+
 def idle(page) -> None:
-    """Wait until the app's script run is over (Streamlit's running indicator gone)."""
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=300_000)
+    """Wait until the app's script run is over: no running indicator, no spinner and no element
+    left over from the previous run (Streamlit marks those data-stale until the run ends), for
+    0.75 s on end. The running indicator alone is not enough: in this app it never showed (probed
+    every 30 ms through a 9 s run), and a check made while the run was still going saw the word
+    buttons of the sample's caption and of the Flickr8k photo's at once (CI, once)."""
+    page.evaluate("() => { window.__idleSince = null; }")
+    page.wait_for_function(IDLE_JS, timeout=300_000, polling=100)
 
 
 def check_words(page, where: str) -> list[dict]:
