@@ -431,7 +431,7 @@ def test_ten_pages_caption_at_once(server, browser):
         # This page's own photo is on screen (its name under the image), and its run is over.
         p.get_by_text(f.name).first.wait_for(timeout=300_000)
         p.wait_for_function(CAPTION_JS, timeout=300_000)
-        p.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=300_000)
+        idle(p)
         texts.append(caption_text(p))
         assert p.locator('[data-testid="stAlert"]').filter(has_text="Cannot use").count() == 0
         assert p.locator('[data-testid="stException"]').count() == 0
