@@ -391,7 +391,8 @@ def guide_toggle(cur: Current, model) -> bool:
                    key=f"guide-{cur.model.key}",
                    help="Guided decoding: when the encoder's ImageNet head is confident about something the "
                         "vocabulary can name (a cat, a cup of coffee), beam search must put one of those words in "
-                        "the caption, and words that recognition rules out are penalised. Off: plain beam search. "
+                        "the caption, and words that recognition or the concept tagger rule out are penalised. "
+                        "Off: plain beam search. "
                         "The default is the model's, chosen on dev data.")
     st.session_state.setdefault(GUIDE_CHOICES, {})[cur.model.key] = on
     cur.guide = on

@@ -108,6 +108,24 @@ def _load_matcher_checked(folder: Union[str, Path]) -> Optional[Matcher]:
         raise BundleError(str(e).splitlines()[0] if str(e) else f"{folder}: bad matcher") from None
 
 
+def load_bundle_tagger(folder: Path, config: dict, encoder: Encoder):
+    """The concept tagger a bundle's ``config.json`` names under ``tagger`` (a folder beside the
+    bundle's, e.g. ``"tagger"`` for assets/models/tagger), sharing the captioner's encoder; None
+    when it names none. Raises BundleError, in one line, for a bad name or a tagger that cannot
+    be loaded or reads another encoder."""
+    name = config.get("tagger")  # its shape is checked with the rest of config.json (bundle.read_config)
+    if name is None:
+        return None
+    cp = folder / "config.json"
+    from .tagger import Tagger
+
+    tagger = Tagger.from_pretrained(folder.parent / name, encoder=encoder)
+    want = tagger.config.get("encoder", {}).get("name")
+    if want is not None and want != config["encoder"]["name"]:
+        raise BundleError(f"{cp}: its tagger {name!r} reads {want}, not this model's {config['encoder']['name']}")
+    return tagger
+
+
 class Captioner:
     """A frozen encoder plus one decoder (or an ensemble of decoders sharing a vocabulary)."""
 
@@ -118,6 +136,8 @@ class Captioner:
         self.decoder = decoder.eval()
         self.matcher = matcher
         self.familiarity: Optional[Familiarity] = None
+        # The concept tagger guidance's ``absent`` penalty reads (config.json ``tagger``; None: none).
+        self.tagger = None
         self.vocab = vocab
         self.prep = prep
         self.config = config or {}
@@ -181,6 +201,7 @@ class Captioner:
             cap.familiarity = load_familiarity(paths[0])
         except ValueError as e:
             raise BundleError(str(e)) from None
+        cap.tagger = load_bundle_tagger(Path(paths[0]), cfg, enc)
         return cap
 
     def load(self, image: ImageInput):
@@ -348,7 +369,11 @@ class Captioner:
             logits = self._head_log_probs(grid, pooled, sizes)
         except NotImplementedError:
             return None, None
-        return plan_guide(logits, self.vocab.itos, settings)
+        concepts = None
+        if settings.absent and self.tagger is not None:
+            g = grid[0] if isinstance(grid, (list, tuple)) else grid
+            concepts = (self.tagger.probabilities("image", g), self.tagger.concepts.vocab_forms(self.vocab.itos))
+        return plan_guide(logits, self.vocab.itos, settings, concepts)
 
     def _annotate(self, results: list[CaptionResult], grid, pooled, sizes=None) -> list[CaptionResult]:
         if not self._own_view(pooled):

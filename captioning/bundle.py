@@ -256,6 +256,10 @@ def read_config(folder: str | Path) -> dict:
     vs = cfg["vocab_size"]
     if isinstance(vs, bool) or not isinstance(vs, int) or not 4 <= vs <= MAX_DIM:
         raise BundleError(f"{p}: vocab_size must be an integer from 4 to {MAX_DIM:,}, got {vs!r:.40}")
+    tg = cfg.get("tagger")
+    if tg is not None and (not isinstance(tg, str) or not tg or tg in (".", "..") or any(c in tg for c in "/\\:")):
+        # A folder beside this one (assets/models/tagger), never a path out of the models folder.
+        raise BundleError(f"{p}: 'tagger' must name a folder beside the model's, got {tg!r:.60}")
     _check_decoder_section(p, cfg["decoder"])
     try:
         Preprocessing.from_dict(cfg["preprocessing"])

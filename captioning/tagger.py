@@ -323,6 +323,15 @@ class ConceptSpace:
         """Indexes of the concepts a text names, through the word forms of the training captions."""
         return {self.index[c] for c in (self.lemma(w) for w in tokenize(text)) if c in self.index}
 
+    def vocab_forms(self, words: Iterable[str]) -> dict[int, list[str]]:
+        """Concept index -> its names and word forms that ``words`` (a caption vocabulary) holds;
+        concepts with none are left out."""
+        vocab = set(words)
+        forms: dict[str, set[str]] = {c: {c} for c in self.names}
+        for w, c in self.forms.items():
+            forms.setdefault(c, {c}).add(w)
+        return {k: sorted(forms[c] & vocab) for k, c in enumerate(self.names) if forms[c] & vocab}
+
     def to_json(self) -> list[dict]:
         by = {}
         for w, c in self.forms.items():

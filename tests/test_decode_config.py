@@ -25,10 +25,10 @@ def test_frozen_and_replace_names_unknown_settings():
 
 def test_bundle_section_round_trip():
     sec = {"beam_size": 3, "length_penalty": 0.7, "rerank": 6.0, "rerank_pool": 5,
-           "guide": {"on": True, "threshold": 0.4, "conflict": 3.0, "person": 0.0}}
+           "guide": {"on": True, "threshold": 0.4, "conflict": 3.0, "person": 0.0, "absent": 3.0, "absent_below": 0.05}}
     d = DecodeConfig.from_bundle({"decoding": sec})
     assert (d.length_penalty, d.rerank, d.rerank_pool, d.guide) == (0.7, 6.0, 5, True)
-    assert d.guide_settings == GuideSettings(0.4, 3.0, 0.0)
+    assert d.guide_settings == GuideSettings(0.4, 3.0, 0.0, 3.0, 0.05)
     assert d.to_bundle() == sec
     # No section: the defaults, nothing re-ranked or guided.
     none = DecodeConfig.from_bundle({})

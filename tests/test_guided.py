@@ -191,6 +191,37 @@ def test_guided_lattice_draws_as_a_tree():
         assert got[b][0].finished and path == got[b][0].tokens + [END]  # the best caption is found in the drawn tree
 
 
+def test_absent_concepts_are_penalised_but_never_the_constraint():
+    """guidance.plan's ``absent`` penalty: every vocabulary form of each concept the tagger scores
+    below ``absent_below``, on every photo, never on a constraint word (the tagger may miss the
+    cat the head is sure of); without the tagger's scores it is a ValueError."""
+    from captioning.guidance import GuideSettings, plan
+    from captioning.recognition import class_words
+    from captioning.tagger import ConceptSpace
+
+    names, _ = class_words()
+    logits = torch.zeros(2, 1000)
+    logits[0, names.index("Egyptian cat")] = 20.0  # photo 0: a sure cat; photo 1: nothing sure
+    itos = ["<pad>", "<start>", "<end>", "<unk>", "a", "cat", "cats", "snow", "grass", "ball", "balls", "dog"]
+    concepts = ConceptSpace(["snow", "grass", "cat", "ball"], [9, 9, 2, 5], {"balls": "ball", "cats": "cat"})
+    probs = torch.tensor([[0.01, 0.90, 0.001, 0.04], [0.01, 0.01, 0.01, 0.01]])  # (B, K)
+    settings = GuideSettings(threshold=0.4, absent=3.0, absent_below=0.05)
+    guide, chosen = plan(logits, itos, settings, (probs, concepts.vocab_forms(itos)))
+    assert chosen == [["cat", "cats"], []]
+    pen = {w: guide.penalty[0, i].item() for i, w in enumerate(itos)}
+    assert pen == {**{w: 0.0 for w in itos}, "snow": -3.0, "ball": -3.0, "balls": -3.0}
+    # No constraint, and the tagger sure of nothing: every concept's forms, the cat's included.
+    assert {itos[i] for i in guide.penalty[1].nonzero().flatten()} == {"snow", "grass", "cat", "cats", "ball", "balls"}
+    assert not guide.words[1].any()
+    # A higher bar rules out grass too; with the default strength 0 nothing is penalised.
+    guide, _ = plan(logits, itos, GuideSettings(threshold=0.4, absent=2.0, absent_below=0.95),
+                    (probs, concepts.vocab_forms(itos)))
+    assert guide.penalty[0, itos.index("grass")].item() == -2.0 and guide.penalty[0, itos.index("cat")].item() == 0.0
+    assert plan(logits, itos, GuideSettings(threshold=0.4), None)[0].penalty is None
+    with pytest.raises(ValueError, match="tagger"):
+        plan(logits, itos, settings, None)
+
+
 # --- the shipped default model, through the API and the command line -----------------------------
 
 @pytest.fixture(scope="module")
@@ -258,7 +289,7 @@ def test_cli_guide_flags(cat_photo, capsys):
 
 
 @pytest.mark.parametrize("bad", [{"threshold": "high"}, {"conflict": -1}, {"person": float("nan")}, {"on": "yes"},
-                                 [1], {"threshold": True}])
+                                 [1], {"threshold": True}, {"absent_below": 1.5}, {"absent": -2}])
 def test_bad_guide_settings_are_refused(bad):
     from captioning.guidance import GuideSettings, resolve
 

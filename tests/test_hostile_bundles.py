@@ -182,10 +182,32 @@ def edit_config(bundle: Path, fn) -> Path:
     (lambda c: c.update(decoding={"guide": {"on": "yes"}}), "guide.on"),
     (lambda c: c.update(decoding={"guide": {"conflict": -1}}), "guide.conflict"),
     (lambda c: c.pop("vocab_size"), "vocab_size"),
+    (lambda c: c.update(tagger="../../etc"), "tagger"),
+    (lambda c: c.update(tagger=["tagger"]), "tagger"),
 ])
 def test_config_of_wrong_types(bundle, edit, words):
     p = edit_config(bundle, edit)
     one_line_error(bundle, p, words)
+
+
+def test_the_tagger_a_model_names_must_be_there_and_read_its_encoder(bundle):
+    """config.json ``tagger`` names a folder beside the model's; missing, or a tagger trained on
+    another encoder's features, the model does not load (one line, naming the file)."""
+    import shutil
+
+    from captioning.api import Captioner
+    from captioning.paths import MODELS_DIR
+
+    edit_config(bundle, lambda c: c.update(tagger="tagger"))
+    with pytest.raises(BundleError) as e:
+        Captioner.from_pretrained(bundle)
+    assert "tagger folder not found" in str(e.value) and "\n" not in str(e.value)
+    shutil.copytree(MODELS_DIR / "tagger", bundle.parent / "tagger")
+    assert Captioner.from_pretrained(bundle).tagger.concepts.names  # the shipped tagger reads efficientnet-lite0
+    tj = bundle.parent / "tagger" / "tagger.json"
+    tj.write_text(tj.read_text().replace('"efficientnet-lite0"', '"efficientnet-lite2"'))
+    with pytest.raises(BundleError, match="reads efficientnet-lite2"):
+        Captioner.from_pretrained(bundle)
 
 
 def test_config_claiming_enormous_layers_allocates_nothing(bundle):

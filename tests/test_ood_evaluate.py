@@ -8,7 +8,7 @@ from captioning.lab import evaluate as ev
 from captioning.bundle import DEFAULT_MODEL
 from captioning.cli import main
 from captioning.lab.data import DataError, load_dataset, read_captions_json
-from captioning.lab.evaluate import consensus_recall
+from captioning.lab.evaluate import consensus_recall, unsupported_rate
 from conftest import draw
 
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "dogs", "cat", "runs", "on", "the", "grass", "red", "ball"]
@@ -60,6 +60,17 @@ def test_consensus_recall_counts_words_most_references_share():
     # Function words never count, however many references use them ("a", "the", "on").
     mean, per = consensus_recall({"x": "a the on"}, {"x": ["a the on dog"] * 5}, VOCAB)
     assert per["x"] == 0.0
+
+
+def test_unsupported_rate_counts_caption_words_no_reference_uses():
+    refs = {"x": ["a dog runs on the grass", "two dogs", "a dog", "a dog", "a dog"],
+            "y": ["a cat", "a cat", "a cat", "a cat", "a cat"]}
+    # "x": dogs -> dog (used), grass (used), ball (no reference): 1 of 3; function words never count.
+    mean, per = unsupported_rate({"x": "the dogs on the grass with a ball", "y": "a red cat"}, refs, VOCAB)
+    assert per["x"] == pytest.approx(1 / 3) and per["y"] == pytest.approx(1 / 2)
+    assert mean == pytest.approx((1 / 3 + 1 / 2) / 2)
+    mean, per = unsupported_rate({"x": "a the on", "z": "a dog"}, refs, VOCAB)
+    assert per == {} and mean == 0.0  # no content word; a photo without references is left out
 
 
 def test_evaluate_data_folder_scores_and_leaves_the_shipped_bundle_alone(tmp_path, monkeypatch, capsys):

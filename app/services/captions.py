@@ -43,16 +43,24 @@ def caption(captioner, image: Image.Image, beam_size: int = 3, length_penalty: f
                         seconds=time.perf_counter() - t0)
 
 
-def guided_note(result: CaptionResult) -> str:
-    """One line on whether and how the caption was guided (``CaptionResult.guided``)."""
+def guided_note(result: CaptionResult, tagger_penalty: bool = False) -> str:
+    """One line on whether and how the caption was guided (``CaptionResult.guided``);
+    ``tagger_penalty``: the model's guidance also penalises what its concept tagger finds no sign of."""
     if result.guided is None:
         return "Not guided: plain beam search, which may not name what the encoder recognised."
+    tagger = (" Words for things the concept tagger finds no sign of (snow, a ball, a child...) were penalised."
+              if tagger_penalty else "")
     if not result.guided:
-        return ("Guidance on, but the encoder recognised nothing confidently enough to ask for a word: the caption "
-                "is plain beam search's.")
+        return ("Guidance on, but the encoder recognised nothing confidently enough to ask for a word"
+                + (f".{tagger}" if tagger else ": the caption is plain beam search's."))
     words = " or ".join(f"“{w}”" for w in result.guided)
     return (f"Guided: the caption had to contain {words}, from what the encoder recognised; words its recognition "
-            "rules out were penalised.")
+            f"rules out were penalised.{tagger}")
+
+
+def tagger_penalty(model) -> bool:
+    """Whether a captioner's guidance penalises what its concept tagger finds no sign of."""
+    return getattr(model, "tagger", None) is not None and bool(model.decoding.guide_settings.absent)
 
 
 def word_labels(words: Sequence[str]) -> list[str]:

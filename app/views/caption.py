@@ -50,7 +50,7 @@ with right:
     st.caption(f"{cur.model.title} · beam {cur.beam}, length penalty {cur.length_penalty:g}{rerank} · "
                f"log-probability {out.best.logprob:.2f} · {took}")
 
-    st.caption(captions.guided_note(out))
+    st.caption(captions.guided_note(out, captions.tagger_penalty(model)))
     # What the encoder's ImageNet head recognised and how familiar the photo is (issue 24).
     rec, fam = (out.recognised or [])[:3], out.familiarity
     if rec:

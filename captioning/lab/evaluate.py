@@ -83,6 +83,10 @@ def evaluate(model: str | Path | list | None = None, data: str | Path | None = N
     s.metrics["consensus_recall"] = recall
     for n, r in per_recall.items():
         s.per_image.setdefault(n, {})["consensus_recall"] = r
+    unsup, per_unsup = unsupported_rate(preds, {n: ds.captions[n] for n in images}, cap.vocab.itos)
+    s.metrics["unsupported_words"] = unsup
+    for n, r in per_unsup.items():
+        s.per_image.setdefault(n, {})["unsupported_words"] = r
     res = {"model": [str(m) for m in models] if len(models) > 1 else str(model), "split": split, "n_images": len(images), "beam_size": dc.beam_size,
            "length_penalty": dc.length_penalty, **({"rerank": dc.rerank} if dc.rerank else {}),
            **({"rerank_pool": dc.rerank_pool} if dc.rerank and dc.rerank_pool else {}),
@@ -142,6 +146,25 @@ def consensus_recall(preds: dict[str, str], refs: dict[str, list[str]], vocab_wo
         if want and k in preds:
             said = {_stem(t, vocab) for t in tokenize(preds[k])}
             per[k] = len(want & said) / len(want)
+    return (float(np.mean(list(per.values()))) if per else 0.0), per
+
+
+def unsupported_rate(preds: dict[str, str], refs: dict[str, list[str]], vocab_words) -> tuple[float, dict[str, float]]:
+    """Unsupported-word rate: of a caption's content words (consensus recall's: in the vocabulary,
+    not a stopword; plural and singular as one word), the share that none of the photo's
+    references uses. A rough hallucination rate: a paraphrase ("puppy" for "dog") counts too.
+    Captions without content words are left out of the mean.
+
+    Returns (mean over photos, {photo: rate})."""
+    from ..vocab import tokenize
+
+    vocab = set(vocab_words)
+    per: dict[str, float] = {}
+    for k, text in preds.items():
+        said = {w for w in (_stem(t, vocab) for t in tokenize(text)) if w in vocab and w.isalpha() and w not in STOPWORDS}
+        if said and k in refs:
+            used = {_stem(t, vocab) for r in refs[k] for t in tokenize(r)}
+            per[k] = len(said - used) / len(said)
     return (float(np.mean(list(per.values()))) if per else 0.0), per
 
 

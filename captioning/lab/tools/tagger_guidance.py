@@ -56,19 +56,10 @@ def encode_set(cap: Captioner, root: Path, split: str, limit: int, batch: int = 
     return names, {n: ds.captions[n] for n in names}, torch.cat(grids), torch.cat(pooled), sizes
 
 
-def concept_forms(tagger: Tagger, itos: list[str]) -> dict[int, list[str]]:
-    """Concept index -> its word forms that the caption vocabulary holds (concepts with none left out)."""
-    vocab = set(itos)
-    forms: dict[str, set[str]] = {c: {c} for c in tagger.concepts.names}
-    for w, c in tagger.concepts.forms.items():
-        forms.setdefault(c, {c}).add(w)
-    return {k: sorted(forms[c] & vocab) for k, c in enumerate(tagger.concepts.names) if forms[c] & vocab}
-
-
 def tagger_words(tagger: Tagger, probs: torch.Tensor, itos: list[str], threshold: float) -> list[list[str]]:
     """Per photo: the word forms (in the caption vocabulary) of its most probable concept, if that
     concept's probability reaches ``threshold``; else []."""
-    forms = concept_forms(tagger, itos)
+    forms = tagger.concepts.vocab_forms(itos)
     top = [int(row.argmax()) for row in probs]
     return [forms.get(k, []) if float(row[k]) >= threshold else [] for row, k in zip(probs, top)]
 
@@ -77,7 +68,7 @@ def missing_words(tagger: Tagger, probs: torch.Tensor, itos: list[str], threshol
                   captions: list[str]) -> list[list[str]]:
     """Per photo: the word forms of the most probable concept with probability >= ``threshold``
     that the photo's unguided caption does not name; else []."""
-    forms = concept_forms(tagger, itos)
+    forms = tagger.concepts.vocab_forms(itos)
     out = []
     for row, text in zip(probs, captions):
         named = tagger.concepts.mentioned(text)
