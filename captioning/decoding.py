@@ -236,31 +236,42 @@ def beam_search(model, grid: torch.Tensor, pooled: torch.Tensor, *, beam_size: i
     """
     kw = dict(beam_size=beam_size, nbest=nbest, max_len=max_len, min_len=min_len, length_penalty=length_penalty,
               no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk, ids=ids)
-    if guide is not None:
-        need = guide.words.any(1)
-        if guide.penalty is not None:
-            need = need | (guide.penalty != 0).any(1)
-        if bool(need.all()):
-            return guided_beam_search(model, grid, pooled, guide, lattice=lattice, **kw)
-        if bool(need.any()):
-            # Images with nothing to guide are searched exactly as without a guide (one bank of
-            # K beams instead of two): guidance costs only where it acts.
-            on, off = need.nonzero().flatten().tolist(), (~need).nonzero().flatten().tolist()
-            lat_on, lat_off = (Lattice(), Lattice()) if lattice is not None else (None, None)
-            sub = Guide(guide.words[on], None if guide.penalty is None else guide.penalty[on])
-            got_on = guided_beam_search(model, _rows(grid, on), _rows(pooled, on), sub, lattice=lat_on, **kw)
-            got_off = beam_search(model, _rows(grid, off), _rows(pooled, off), lattice=lat_off, **kw)
-            out: list = [None] * len(need)
-            steps: list = [None] * len(need)
-            for idx, got, lat in ((on, got_on, lat_on), (off, got_off, lat_off)):
-                for j, b in enumerate(idx):
-                    out[b] = got[j]
-                    if lat is not None:
-                        steps[b] = lat.steps[j]
-            if lattice is not None:
-                lattice.steps = steps
-            return out
+    if guide is None:
+        return _one_bank_search(model, grid, pooled, None, lattice=lattice, **kw)
+    need = guide.words.any(1)  # (B,)
+    if bool(need.all()):
+        return guided_beam_search(model, grid, pooled, guide, lattice=lattice, **kw)
+    # Images without a constraint are searched with one bank of K beams instead of two (with
+    # their penalties, if any): the second bank costs only where there is a word to force.
+    on, off = need.nonzero().flatten().tolist(), (~need).nonzero().flatten().tolist()
+    pen_off = None
+    if guide.penalty is not None and bool((guide.penalty[off] != 0).any()):
+        pen_off = guide.penalty[off]  # (b, V)
+    if not on:
+        return _one_bank_search(model, grid, pooled, pen_off, lattice=lattice, **kw)
+    lat_on, lat_off = (Lattice(), Lattice()) if lattice is not None else (None, None)
+    sub = Guide(guide.words[on], None if guide.penalty is None else guide.penalty[on])
+    got_on = guided_beam_search(model, _rows(grid, on), _rows(pooled, on), sub, lattice=lat_on, **kw)
+    got_off = _one_bank_search(model, _rows(grid, off), _rows(pooled, off), pen_off, lattice=lat_off, **kw)
+    out: list = [None] * len(need)
+    steps: list = [None] * len(need)
+    for idx, got, lat in ((on, got_on, lat_on), (off, got_off, lat_off)):
+        for j, b in enumerate(idx):
+            out[b] = got[j]
+            if lat is not None:
+                steps[b] = lat.steps[j]
+    if lattice is not None:
+        lattice.steps = steps
+    return out
+
+
+def _one_bank_search(model, grid, pooled, penalty: Optional[torch.Tensor], *, beam_size: int, nbest: int,
+                     max_len: int, min_len: int, length_penalty: float, no_repeat_ngram: int, allow_unk: bool,
+                     ids: SpecialIds, lattice: Optional[Lattice]) -> list[list[Hypothesis]]:
+    """``beam_search`` proper; ``penalty`` (B, V) or None is added to every step's log-probabilities
+    (``Guide.penalty`` of images without a constraint), as ``guided_beam_search`` adds it."""
     B, K, dev = _lead(grid).size(0), beam_size, _lead(grid).device
+    penalty = None if penalty is None else penalty.to(dev).float().repeat_interleave(K, 0)  # (B*K, V)
     npool = max(nbest, K)
     state, feats = model.start(grid, pooled)
     state = tree_map(lambda x: x.repeat_interleave(K, 0), state)  # (B*K, ...)
@@ -280,6 +291,8 @@ def beam_search(model, grid: torch.Tensor, pooled: torch.Tensor, *, beam_size: i
     rows = torch.arange(B, device=dev).unsqueeze(1)  # (B, 1)
     for t in range(max_len):
         logp, state, att = model.step(tokens, state, feats)  # (B*K, V)
+        if penalty is not None:
+            logp = logp + penalty
         logp = _constrain(logp, seqs, t, ids, min_len, no_repeat_ngram, allow_unk)
         V = logp.size(1)
         beam_att, pool_att = _grow_attention(att, beam_att, pool_att, B, npool, max_len)

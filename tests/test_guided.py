@@ -242,7 +242,7 @@ def test_api_guides_the_cat_photo(cat_photo):
     for c in on.captions:
         assert c.finished and {"cat", "cats"} & set(c.words), c.text
     # Settings are read as given; a threshold no class reaches leaves the search unguided.
-    free = cap.caption(cat_photo, guide={"threshold": 1.01})[0]
+    free = cap.caption(cat_photo, guide={"threshold": 1.01, "absent": 0})[0]
     assert free.guided == [] and free.text == off.text
     with pytest.raises(ValueError):
         cap.caption(cat_photo, guide=True, method="greedy")
@@ -273,6 +273,23 @@ def test_the_package_photos_are_named_in_the_default_caption(sample, default_cap
     grid, pooled = cap.encode(cap.pixels([im]))
     assert cap.caption_features(grid, pooled, image_sizes=[im.size])[0].text == res.text
     assert cap.classify(im, 1)[0] == (res.recognised[0].label, pytest.approx(res.recognised[0].prob, abs=1e-6))
+
+
+def test_the_default_caption_drops_what_the_concept_tagger_finds_no_sign_of(cat_photo, default_captioner):
+    """Without the ``absent`` penalty the cat photo's guided caption has the cat in the snow; the
+    shipped guidance, whose tagger scores snow below its bar, says no word of a concept the
+    tagger rules out, and still names the cat."""
+    cap = default_captioner
+    bar = cap.decoding.guide_settings.absent_below
+    assert cap.tagger is not None and cap.decoding.guide_settings.absent > 0
+    grid, pooled, sizes = cap.encode_images([cat_photo])
+    probs = cap.tagger.probabilities("image", grid)[0]  # (K,)
+    ruled_out = {w for k, ws in cap.tagger.concepts.vocab_forms(cap.vocab.itos).items() if probs[k] < bar for w in ws}
+    before = cap.caption_features(grid, pooled, image_sizes=sizes, guide={"absent": 0})[0]
+    now = cap.caption_features(grid, pooled, image_sizes=sizes)[0]
+    assert "snow" in ruled_out and "snow" in before.words, before.text
+    assert not ruled_out & set(now.words) and "cat" in now.words, now.text
+    assert cap.caption(cat_photo)[0].text == now.text
 
 
 def test_cli_guide_flags(cat_photo, capsys):
