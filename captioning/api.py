@@ -109,17 +109,21 @@ def _load_matcher_checked(folder: Union[str, Path]) -> Optional[Matcher]:
 
 
 def load_bundle_tagger(folder: Path, config: dict, encoder: Encoder):
-    """The concept tagger a bundle's ``config.json`` names under ``tagger`` (a folder beside the
-    bundle's, e.g. ``"tagger"`` for assets/models/tagger), sharing the captioner's encoder; None
-    when it names none. Raises BundleError, in one line, for a bad name or a tagger that cannot
-    be loaded or reads another encoder."""
+    """The concept tagger a bundle's ``config.json`` names under ``tagger``, sharing the
+    captioner's encoder; None when it names none. The name is a folder beside the bundle's
+    (``"tagger"`` for assets/models/tagger; a symlinked bundle looks beside its target), or else
+    among the shipped models. Raises BundleError, in one line, for a tagger that is in neither
+    place, cannot be loaded or reads another encoder."""
     name = config.get("tagger")  # its shape is checked with the rest of config.json (bundle.read_config)
     if name is None:
         return None
     cp = folder / "config.json"
+    from .paths import MODELS_DIR
     from .tagger import Tagger
 
-    tagger = Tagger.from_pretrained(folder.parent / name, encoder=encoder)
+    beside = Path(folder).resolve().parent / name
+    tagger = Tagger.from_pretrained(beside if beside.is_dir() or not (MODELS_DIR / name).is_dir() else MODELS_DIR / name,
+                                    encoder=encoder)
     want = tagger.config.get("encoder", {}).get("name")
     if want is not None and want != config["encoder"]["name"]:
         raise BundleError(f"{cp}: its tagger {name!r} reads {want}, not this model's {config['encoder']['name']}")

@@ -191,22 +191,24 @@ def test_config_of_wrong_types(bundle, edit, words):
 
 
 def test_the_tagger_a_model_names_must_be_there_and_read_its_encoder(bundle):
-    """config.json ``tagger`` names a folder beside the model's; missing, or a tagger trained on
-    another encoder's features, the model does not load (one line, naming the file)."""
+    """config.json ``tagger`` names a folder beside the model's, or else among the shipped models;
+    in neither place, or a tagger trained on another encoder's features, the model does not load
+    (one line, naming the file)."""
     import shutil
 
     from captioning.api import Captioner
     from captioning.paths import MODELS_DIR
 
-    edit_config(bundle, lambda c: c.update(tagger="tagger"))
+    edit_config(bundle, lambda c: c.update(tagger="no-such-tagger"))
     with pytest.raises(BundleError) as e:
         Captioner.from_pretrained(bundle)
-    assert "tagger folder not found" in str(e.value) and "\n" not in str(e.value)
+    assert "no-such-tagger: tagger folder not found" in str(e.value) and "\n" not in str(e.value)
+    edit_config(bundle, lambda c: c.update(tagger="tagger"))
+    assert Captioner.from_pretrained(bundle).tagger.concepts.names  # none beside it: the shipped one
     shutil.copytree(MODELS_DIR / "tagger", bundle.parent / "tagger")
-    assert Captioner.from_pretrained(bundle).tagger.concepts.names  # the shipped tagger reads efficientnet-lite0
     tj = bundle.parent / "tagger" / "tagger.json"
     tj.write_text(tj.read_text().replace('"efficientnet-lite0"', '"efficientnet-lite2"'))
-    with pytest.raises(BundleError, match="reads efficientnet-lite2"):
+    with pytest.raises(BundleError, match="reads efficientnet-lite2"):  # the one beside it comes first
         Captioner.from_pretrained(bundle)
 
 
