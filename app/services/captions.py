@@ -48,8 +48,7 @@ def guided_note(result: CaptionResult, tagger_penalty: bool = False) -> str:
     ``tagger_penalty``: the model's guidance also penalises what its concept tagger finds no sign of."""
     if result.guided is None:
         return "Not guided: plain beam search, which may not name what the encoder recognised."
-    tagger = (" Words for things the concept tagger finds no sign of (snow, a ball, a child...) were penalised."
-              if tagger_penalty else "")
+    tagger = " Words for things the concept tagger finds no sign of were penalised." if tagger_penalty else ""
     if not result.guided:
         return ("Guidance on, but the encoder recognised nothing confidently enough to ask for a word"
                 + (f".{tagger}" if tagger else ": the caption is plain beam search's."))
