@@ -30,9 +30,8 @@ import torch
 
 from ... import Captioner
 from ...decoding import Guide
-from ...metrics import score_captions
 from ..data import default_data_dir
-from ..evaluate import consensus_recall, unsupported_rate
+from .report import dev_scores, write_and_print
 from .tagger_guidance import COCO, encode_set
 
 
@@ -109,22 +108,14 @@ def main(argv=None) -> None:
         for v, kw in variants.items():
             texts = decode(cap, grid, pooled, sizes, **kw)
             before = texts if v == "no absent penalty" else before
-            preds = dict(zip(names, texts))
-            cider = score_captions(preds, refs, use_java=False, metrics=("cider",)).metrics["CIDEr"]
-            recall, _ = consensus_recall(preds, refs, cap.vocab.itos)
-            unsup, _ = unsupported_rate(preds, refs, cap.vocab.itos)
             changed = sum(a != b for a, b in zip(texts, before)) if before else 0
-            rows.append({"set": set_name, "photos": len(names), "variant": v, "CIDEr": round(cider, 4),
-                         "consensus recall": round(recall, 4), "unsupported": round(unsup, 4),
+            rows.append({"set": set_name, "photos": len(names), "variant": v,
+                         **dev_scores(dict(zip(names, texts)), refs, cap.vocab.itos, unsupported=True),
                          "changed": changed})
             print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    print("\n| set | variant | CIDEr | consensus recall | unsupported words | captions changed |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['set']} ({r['photos']}) | {r['variant']} | {r['CIDEr']:.4f} | {r['consensus recall']:.4f} | "
-              f"{r['unsupported']:.4f} | {r['changed']} |")
+    write_and_print(rows, args.out, ["set", "variant", "CIDEr", "consensus recall", "unsupported words", "captions changed"],
+                    lambda r: [f"{r['set']} ({r['photos']})", r["variant"], f"{r['CIDEr']:.4f}",
+                               f"{r['consensus recall']:.4f}", f"{r['unsupported']:.4f}", r["changed"]])
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torchvision.transforms.functional as TF
@@ -37,11 +36,11 @@ from PIL import Image
 from ... import Captioner
 from ...guidance import plan
 from ...images import preprocess
-from ...metrics import score_captions
 from ...recognition import centre_weights, word_evidence
 from ...vocab import tokenize
 from ..data import load_dataset
-from ..evaluate import _stem, consensus_recall
+from ..evaluate import _stem
+from .report import dev_scores, write_and_print
 from .tagger_guidance import COCO
 
 
@@ -104,7 +103,8 @@ def main(argv=None) -> None:
     ref_words = {n: [{_stem(t, vocab) for t in tokenize(r)} for r in refs[n]] for n in names}
     rows, t0, real = [], time.time(), cap._guide
     for th in map(float, args.thresholds.split(",")):
-        s = replace(cap.decoding.guide_settings, threshold=th)
+        # The head's constraint only: its patched plan below has no tagger for the ``absent`` penalty.
+        s = replace(cap.decoding.guide_settings, threshold=th, absent=0.0)
         for view, pr in views.items():
             forced = [[w for w, q in ev.items() if q >= th] for ev in word_evidence(pr.log(), vocab)]
             right = sum(any(_stem(w, vocab) in rw for w in ws for rw in ref_words[n]) for n, ws in zip(names, forced) if ws)
@@ -115,20 +115,14 @@ def main(argv=None) -> None:
                     texts += [r.text for r in cap.caption_features(grid[lo:lo + 32], pooled[lo:lo + 32], guide=s)]
                 finally:
                     cap._guide = real
-            preds = dict(zip(names, texts))
-            cider = score_captions(preds, refs, use_java=False, metrics=("cider",)).metrics["CIDEr"]
-            recall, _ = consensus_recall(preds, refs, cap.vocab.itos)
             rows.append({"threshold": th, "view": view, "photos with a constraint": sum(map(bool, forced)),
-                         "a reference uses it": right, "CIDEr": round(cider, 4), "consensus recall": round(recall, 4)})
+                         "a reference uses it": right, **dev_scores(dict(zip(names, texts)), refs, cap.vocab.itos)})
             print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    print(f"\nCOCO set ({len(names)} photos)\n\n| threshold | view | photos with a constraint | a reference uses it | "
-          "CIDEr | consensus recall |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['threshold']:g} | {r['view']} | {r['photos with a constraint']} | {r['a reference uses it']} | "
-              f"{r['CIDEr']:.4f} | {r['consensus recall']:.4f} |")
+    write_and_print(rows, args.out, ["threshold", "view", "photos with a constraint", "a reference uses it", "CIDEr",
+                                     "consensus recall"],
+                    lambda r: [f"{r['threshold']:g}", r["view"], r["photos with a constraint"], r["a reference uses it"],
+                               f"{r['CIDEr']:.4f}", f"{r['consensus recall']:.4f}"],
+                    title=f"COCO set ({len(names)} photos)\n\n")
 
 
 if __name__ == "__main__":

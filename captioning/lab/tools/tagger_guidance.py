@@ -26,17 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ... import Captioner
 from ...decoding import Guide
-from ...metrics import score_captions
 from ...paths import REPO_ROOT
 from ...tagger import Tagger
 from ..data import default_data_dir, load_dataset
-from ..evaluate import consensus_recall
+from .report import dev_scores, write_and_print
 
 COCO = REPO_ROOT.parent / "shared" / "data" / "coco-ood"
 
@@ -86,10 +86,10 @@ def guide_from_words(words: list[list[str]], itos: list[str]) -> Guide:
     return Guide(mask)
 
 
-def decode(cap: Captioner, grid, pooled, sizes, words_for=None, guide: bool | None = None, batch: int = 32) -> list[str]:
-    """Captions with the bundle's decoding; ``words_for(lo, hi, imagenet_words)`` -> constraint
-    words per photo of the batch replaces the ImageNet plan (None: the bundle's own guidance, or
-    none with ``guide=False``)."""
+def decode(cap: Captioner, grid, pooled, sizes, words_for=None, guide=None, batch: int = 32) -> list[str]:
+    """Captions with the bundle's decoding and ``guide`` (caption_features': None, False or
+    GuideSettings); ``words_for(lo, hi, imagenet_words)`` -> constraint words per photo of the
+    batch replaces the ImageNet plan (None: the plan ``guide`` makes)."""
     texts = []
     real = cap._guide
     for lo in range(0, len(pooled), batch):
@@ -134,6 +134,8 @@ def main(argv=None) -> None:
         names, refs, grid, pooled, sizes = encode_set(cap, root, split, args.limit)
         probs = torch.as_tensor(tagger.probabilities("image", grid.float()))
         off = decode(cap, grid, pooled, sizes, guide=False)
+        # The constraint sources are compared without the tagger's ``absent`` penalty, as measured.
+        base = replace(cap.decoding.guide_settings, absent=0.0)
         variants = {"off": None, "imagenet": None}
         for t in map(float, args.thresholds.split(",")):
             tw = tagger_words(tagger, probs, cap.vocab.itos, t)
@@ -142,21 +144,14 @@ def main(argv=None) -> None:
             variants[f"both@{t:g}"] = lambda lo, hi, chosen, tw=tw: [c or w for c, w in zip(chosen, tw[lo:hi])]
             variants[f"missing@{t:g}"] = lambda lo, hi, chosen, mw=mw: mw[lo:hi]
         for v, fn in variants.items():
-            texts = off if v == "off" else decode(cap, grid, pooled, sizes, fn)
-            preds = dict(zip(names, texts))
-            cider = score_captions(preds, refs, use_java=False, metrics=("cider",)).metrics["CIDEr"]
-            recall, _ = consensus_recall(preds, refs, cap.vocab.itos)
+            texts = off if v == "off" else decode(cap, grid, pooled, sizes, fn, guide=base)
             changed = sum(a != b for a, b in zip(texts, off))
-            rows.append({"set": set_name, "photos": len(names), "variant": v, "CIDEr": round(cider, 4),
-                         "consensus recall": round(recall, 4), "captions changed": changed})
+            rows.append({"set": set_name, "photos": len(names), "variant": v,
+                         **dev_scores(dict(zip(names, texts)), refs, cap.vocab.itos), "captions changed": changed})
             print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    print("\n| set | variant | CIDEr | consensus recall | captions changed |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['set']} ({r['photos']}) | {r['variant']} | {r['CIDEr']:.4f} | {r['consensus recall']:.4f} | "
-              f"{r['captions changed']} |")
+    write_and_print(rows, args.out, ["set", "variant", "CIDEr", "consensus recall", "captions changed"],
+                    lambda r: [f"{r['set']} ({r['photos']})", r["variant"], f"{r['CIDEr']:.4f}",
+                               f"{r['consensus recall']:.4f}", r["captions changed"]])
 
 
 if __name__ == "__main__":
